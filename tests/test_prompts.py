@@ -1,0 +1,107 @@
+"""Golden tables of the prompt formats per family, and the chat budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from blip_app import prompts
+from blip_app.catalog import PromptStyle
+from blip_app.errors import BadInputError, PromptTooLongError
+from blip_app.prompts import Turn
+
+B, COCO, I = PromptStyle.BLIP2, PromptStyle.BLIP2_COCO, PromptStyle.INSTRUCTBLIP
+
+
+@pytest.mark.parametrize(
+    ("style", "detailed", "text", "instruction"),
+    [
+        (B, False, "", None),
+        (B, True, "", None),
+        (COCO, False, "a photo of", None),
+        (I, False, "A short image caption:", "A short image caption:"),
+        (I, True, "Write a detailed description of the image.", "Write a detailed description of the image."),
+    ],
+)
+def test_caption_prompts(style, detailed, text, instruction):
+    plan = prompts.caption_prompt(style, detailed=detailed)
+    assert (plan.text, plan.instruction) == (text, instruction)
+
+
+@pytest.mark.parametrize(
+    ("style", "short", "text", "instruction"),
+    [
+        (B, False, "Question: what is this? Answer:", None),
+        (B, True, "Question: what is this? Short answer:", None),
+        (COCO, False, "Question: what is this? Answer:", None),
+        (I, False, "what is this?", "what is this?"),
+        (I, True, "Question: what is this? Short answer:", "what is this?"),
+    ],
+)
+def test_answer_prompts(style, short, text, instruction):
+    plan = prompts.answer_prompt(style, "what is this?", short=short)
+    assert (plan.text, plan.instruction) == (text, instruction)
+
+
+HISTORY = (Turn("what is it?", "a cat"), Turn("what colour?", "black and white."))
+
+
+@pytest.mark.parametrize(
+    ("style", "history", "text", "instruction"),
+    [
+        (B, (), "Question: where is it? Answer:", None),
+        (B, HISTORY,
+         "Question: what is it? Answer: a cat. Question: what colour? Answer: black and white. "
+         "Question: where is it? Answer:", None),
+        (I, (), "where is it?", "where is it?"),
+        (I, HISTORY,
+         "Question: what is it? Answer: a cat. Question: what colour? Answer: black and white. "
+         "Question: where is it? Answer:", "where is it?"),
+    ],
+)
+def test_chat_prompts(style, history, text, instruction):
+    plan = prompts.chat_prompt(style, history, "where is it?")
+    assert (plan.text, plan.instruction, plan.kept_turns) == (text, instruction, len(history))
+
+
+def test_turns_are_single_line_and_punctuated_once():
+    assert prompts.format_turn(Turn("a\nb ?", "yes!")) == "Question: a b ? Answer: yes!"
+    assert prompts.format_turn(Turn("q", "")) == "Question: q Answer:"
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def test_fit_chat_drops_oldest_turns_first_and_reports_them():
+    history = [Turn(f"question {i}", f"answer {i}") for i in range(10)]
+    full = words(prompts.chat_prompt(B, history, "newest?").text)
+    plan = prompts.fit_chat(B, history, "newest?", count_tokens=words, budget=full - 1)
+    assert plan.dropped_turns == 1 and plan.kept_turns == 9
+    assert "question 0" not in plan.text and "question 1 " in plan.text and plan.text.endswith("newest? Answer:")
+    tight = prompts.fit_chat(B, history, "newest?", count_tokens=words, budget=4)
+    assert tight.dropped_turns == 10 and tight.text == "Question: newest? Answer:"
+
+
+def test_fit_chat_refuses_a_message_too_long_on_its_own():
+    with pytest.raises(PromptTooLongError, match="at most 3 tokens"):
+        prompts.fit_chat(B, [], "a b c d e", count_tokens=words, budget=3)
+
+
+def test_fit_chat_keeps_everything_that_fits():
+    plan = prompts.fit_chat(I, list(HISTORY), "and?", count_tokens=words, budget=1000)
+    assert plan.dropped_turns == 0 and plan.kept_turns == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [("  hello\x00 world  ", "hello world"), ("e\u0301", "\u00e9"), ("a\n\n b", "a\n\nb"), ("<b>x</b>", "<b>x</b>")],
+)
+def test_clean_text(raw, clean):
+    assert prompts.clean_text(raw, what="question", max_chars=100) == clean
+
+
+def test_clean_text_refuses_empty_and_huge():
+    with pytest.raises(BadInputError, match="question is empty"):
+        prompts.clean_text(" \x00 \n", what="question", max_chars=100)
+    with pytest.raises(BadInputError, match="10,000,000 characters"):
+        prompts.clean_text("x" * 10_000_000, what="message", max_chars=2000)
