@@ -1,0 +1,141 @@
+"""Load decisions: which device, dtype and quantisation a model gets on this machine.
+
+Pure functions over plain data (torch is imported only to read the hardware), so the decisions are
+tested on a CPU even for GPU paths that cannot run here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .catalog import LanguageModel
+from .errors import ModelLoadError
+
+PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model: device, precision and quantisation as the operator asked for them."""
+
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    precision: str = "auto"  # auto, float32, float16, bfloat16
+    quantization: str = "none"  # none, 8bit, 4bit (bitsandbytes)
+    revision: str | None = None
+    local_files_only: bool = False
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What this machine can do, read once."""
+
+    cuda: bool
+    cuda_bf16: bool
+    cpu_bf16: bool
+    cuda_name: str = ""
+
+
+def _cpu_supports_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def detect_hardware() -> Hardware:
+    """Read the CUDA and CPU capabilities that decide precision."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return Hardware(
+        cuda=cuda,
+        cuda_bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        cpu_bf16=_cpu_supports_bf16(),
+        cuda_name=torch.cuda.get_device_name(0) if cuda else "",
+    )
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What will actually be done: device, dtype, quantisation, device map, and why (notes)."""
+
+    device: str  # "cpu" or "cuda[:N]"
+    dtype: str  # a key of DTYPES
+    quantization: str
+    device_map: str | dict[str, Any] | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def precision_label(self) -> str:
+        """How the weights are held, for the UI: '8bit', '4bit' or the dtype name."""
+        return self.quantization if self.quantization != "none" else self.dtype
+
+
+def plan_load(language_model: LanguageModel, options: LoadOptions, hardware: Hardware) -> LoadPlan:
+    """Decide device, dtype and quantisation for a language model on this hardware.
+
+    GPU: float16 for OPT and Vicuna, bfloat16 for Flan-T5 (float16 makes Flan-T5 output garbage; without
+    bfloat16 support it runs in float32). CPU: bfloat16 where the processor has bfloat16 instructions,
+    else float32. 8-bit and 4-bit go through bitsandbytes with an accelerate device map.
+    """
+    notes: list[str] = []
+    if options.precision not in PRECISIONS:
+        raise ModelLoadError(f"Unknown precision {options.precision!r}; use one of: {', '.join(PRECISIONS)}.")
+    if options.quantization not in QUANTIZATIONS:
+        raise ModelLoadError(
+            f"Unknown quantization {options.quantization!r}; use one of: {', '.join(QUANTIZATIONS)}."
+        )
+    device = options.device.strip().lower() if options.device else "auto"
+    if device == "auto":
+        device = "cuda" if hardware.cuda else "cpu"
+    if device.startswith("cuda") and not hardware.cuda:
+        raise ModelLoadError(
+            f"Device {options.device!r} was asked for, but this machine has no usable CUDA GPU. "
+            "Use --device cpu (or auto)."
+        )
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ModelLoadError(f"Unknown device {options.device!r}; use auto, cpu, cuda or cuda:N.")
+    on_gpu = device != "cpu"
+
+    if on_gpu:
+        auto = language_model.gpu_dtype
+        if auto == "bfloat16" and not hardware.cuda_bf16:
+            auto = "float32"
+            notes.append("This GPU has no bfloat16 support and Flan-T5 breaks in float16, so it runs in float32.")
+    else:
+        auto = "bfloat16" if hardware.cpu_bf16 else "float32"
+    dtype = auto if options.precision == "auto" else options.precision
+
+    if dtype == "float16" and language_model is LanguageModel.FLAN_T5:
+        dtype = "bfloat16" if (hardware.cuda_bf16 if on_gpu else hardware.cpu_bf16) else "float32"
+        notes.append(f"Flan-T5 produces garbage in float16, so it runs in {dtype} instead.")
+    if dtype == "float16" and not on_gpu:
+        dtype = auto
+        notes.append(f"float16 is slow and inexact on a CPU, so it runs in {dtype} instead.")
+    if dtype == "bfloat16" and not on_gpu and not hardware.cpu_bf16:
+        notes.append("This CPU has no bfloat16 instructions: bfloat16 will be emulated and slow.")
+
+    quantization = options.quantization
+    device_map: str | dict[str, Any] | None
+    if quantization != "none":
+        if on_gpu:
+            device_map = "auto" if device == "cuda" else {"": device}
+        else:
+            device_map = {"": "cpu"}
+            notes.append(
+                f"{quantization} weights on a CPU save memory but generate much more slowly than {dtype} "
+                "(bitsandbytes has no fast CPU kernels)."
+            )
+    else:
+        device_map = {"": device}
+    return LoadPlan(device=device, dtype=dtype, quantization=quantization, device_map=device_map, notes=tuple(notes))

@@ -1,0 +1,763 @@
+"""The only module that touches torch and transformers: load a checkpoint, encode an image, generate.
+
+A request goes through three named phases:
+
+1. **prepare**: build the prompt for the task (prompts.py), fit it into the context budget, tokenize;
+2. **generate**: encode the image (cached per image content), place its features on the ``<image>``
+   positions, and run the language model under ``torch.inference_mode()`` while holding the device lock;
+3. **decode**: strip the echoed prompt, special tokens and any run-on "Question: ..." continuation.
+
+Where transformers' own ``generate`` would re-run the vision encoder on every call, this module calls
+the same pieces (``get_image_features`` / the vision model and Q-Former, then
+``language_model.generate``) so that an image is encoded once per model and reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import queue
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from . import prompts
+from .catalog import CheckpointKind, Family, ModelRef, PromptStyle, kind_from_config
+from .devices import Hardware, LoadOptions, LoadPlan, detect_hardware, plan_load
+from .errors import (
+    BadInputError,
+    BusyError,
+    CancelledError,
+    GenerationError,
+    ModelLoadError,
+    PromptTooLongError,
+    UnsupportedCheckpointError,
+)
+from .settings import GenerationSettings, Task
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Text after which a BLIP-style model starts inventing the next turn of the dialogue.
+_RUN_ON_MARKERS = ("Question:", "question:", "\nQ:", " Q:", "Answer:")
+
+
+def quantization_config(plan: LoadPlan) -> Any:
+    """The bitsandbytes config for a plan, or None (as the transformers quantization docs show)."""
+    if plan.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if plan.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[plan.dtype],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Load errors: every cause gets its own sentence and fix.
+
+
+def explain_load_error(exc: BaseException, ref: ModelRef) -> ModelLoadError:
+    """Turn an exception raised while loading ``ref`` into a message that names cause and fix."""
+    from huggingface_hub import errors as hub_errors
+
+    where = ref.source
+    chain = list(_chain(exc))
+
+    def caused_by(*kinds: type) -> bool:
+        return any(isinstance(e, kinds) for e in chain)
+
+    if caused_by(hub_errors.GatedRepoError):
+        text = (f"{where} is a gated repository. Accept its licence on its Hugging Face page and log in "
+                "(hf auth login, or set HF_TOKEN), then try again.")
+    elif caused_by(hub_errors.RepositoryNotFoundError):
+        text = (f"{where} was not found on the Hugging Face Hub, or it is private. Check the name, or log in "
+                "(hf auth login / HF_TOKEN) if it is private.")
+    elif caused_by(hub_errors.RevisionNotFoundError):
+        text = f"The revision asked for does not exist in {where}."
+    elif caused_by(hub_errors.LocalEntryNotFoundError) or _is_network_error(exc):
+        text = (f"{where} is not in the local cache and could not be downloaded (no network access to the "
+                "Hugging Face Hub). Connect to the network, or download it elsewhere and copy the "
+                "Hugging Face cache (HF_HOME), or pass a local folder.")
+    elif caused_by(torch.OutOfMemoryError, MemoryError):
+        text = (f"Not enough memory to load {ref.label}. Close other models, choose a smaller model, or load "
+                "it with --quantization 8bit or 4bit.")
+    elif any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain):
+        text = (f"The disk is full: {ref.label} could not be downloaded. Free some space in the Hugging Face "
+                "cache folder (HF_HOME) and try again.")
+    elif isinstance(exc, ImportError):
+        text = f"A package needed to load {ref.label} this way is missing: {exc}."
+    else:
+        text = f"Could not load {ref.label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    return ModelLoadError(text)
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    names = {type(e).__name__ for e in _chain(exc)}
+    return bool(names & {"ConnectionError", "ConnectError", "ConnectTimeout", "Timeout", "ReadTimeout",
+                         "OfflineModeIsEnabled", "gaierror", "NameResolutionError", "MaxRetryError"})
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+# --------------------------------------------------------------------------------------------------
+# The loaded model.
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the engine knows about a loaded checkpoint, read from its config (never from its name)."""
+
+    family: Family
+    language_model: LanguageModel
+    prompt_style: PromptStyle
+    num_query_tokens: int
+    context_tokens: int  # decoder-only: positions; Flan-T5: encoder tokens
+    qformer_tokens: int | None  # InstructBLIP's instruction limit in Q-Former tokens
+    upgraded_layout: bool = False  # an old checkpoint given <image> tokens at load time
+
+    @property
+    def decoder_only(self) -> bool:
+        """Whether the language model echoes the prompt and shares one context with the answer."""
+        return self.language_model.decoder_only
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request after phase 1: the prompt, its tokens, and what had to be dropped to fit."""
+
+    task: Task
+    prompt: prompts.PromptPlan
+    input_ids: tuple[int, ...]  # image placeholders followed by the prompt's tokens
+    qformer_text: str | None
+    prompt_tokens: int  # the prompt's own tokens (image placeholders not counted)
+    context_tokens: int
+    image_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        """Image placeholders plus prompt tokens."""
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The outcome of a request (or, while streaming, the text so far with ``finished`` False)."""
+
+    text: str
+    model: str
+    prompt: str
+    prompt_tokens: int
+    image_tokens: int
+    context_tokens: int
+    dropped_turns: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    finished: bool = True
+    stopped_early: str | None = None  # "cancelled" or "time limit" when the answer was cut short
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+class _DeviceLocks:
+    """One lock per device: the thread that runs the model holds it, so jobs never overlap on a device."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, device: str) -> threading.Lock:
+        key = "cuda" if device.startswith("cuda") else device
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
+DEVICE_LOCKS = _DeviceLocks()
+
+
+class _Stopper(StoppingCriteria):
+    """Stops generation on cancel, at the time limit, or once a run-on marker was written."""
+
+    def __init__(self, cancel: threading.Event, deadline: float | None, collector: _Collector | None) -> None:
+        self.cancel = cancel
+        self.deadline = deadline
+        self.collector = collector
+        self.reason: str | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        stop = False
+        if self.cancel.is_set():
+            self.reason, stop = "cancelled", True
+        elif self.deadline is not None and time.monotonic() > self.deadline:
+            self.reason, stop = "time limit", True
+        elif self.collector is not None and self.collector.ran_on:
+            stop = True
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class _Collector(BaseStreamer):
+    """Receives tokens from generate() one step at a time and publishes the cleaned text so far."""
+
+    def __init__(self, decode: Callable[[list[int]], str], on_text: Callable[[str], None] | None) -> None:
+        self.decode = decode
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.text = ""
+        self.ran_on = False
+        self._skipped_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._skipped_prompt:  # the first call carries the prompt (or T5's decoder start token)
+            self._skipped_prompt = True
+            return
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        text, self.ran_on = clean_output(self.decode(self.ids))
+        text = text.rstrip("\ufffd")  # a character whose bytes are still arriving
+        if text != self.text:
+            self.text = text
+            if self.on_text is not None:
+                self.on_text(text)
+
+    def end(self) -> None:
+        pass
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def clean_output(text: str) -> tuple[str, bool]:
+    """Cut a run-on continuation ("Question: ..."), control characters and surrounding space.
+
+    Returns the text and whether a continuation was cut.
+    """
+    cut = len(text)
+    for marker in _RUN_ON_MARKERS:
+        index = text.find(marker)
+        if index != -1:
+            cut = min(cut, index)
+    return _CONTROL_CHARS.sub("", text[:cut]).strip(), cut < len(text)
+
+
+class FeatureCache:
+    """Least-recently-used store of image features, keyed by image content (and instruction)."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def image_key(image: Image.Image) -> str:
+    """A content hash of a decoded image: the same picture gives the same key whatever file it came from."""
+    digest = hashlib.sha256()
+    digest.update(f"{image.mode}:{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+class LoadedModel:
+    """A checkpoint in memory with its processor, and the three phases of a request."""
+
+    def __init__(
+        self,
+        name: str,
+        model: Any,
+        processor: Any,
+        spec: ModelSpec,
+        plan: LoadPlan,
+        *,
+        checkpoint_generation: Mapping[str, Any] | None = None,
+        feature_cache_size: int = 64,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.spec = spec
+        self.plan = plan
+        self.checkpoint_generation = dict(checkpoint_generation or {})
+        self.features = FeatureCache(feature_cache_size)
+        self.image_token_id = int(model.config.image_token_index)
+        self.device = torch.device(plan.device if plan.quantization == "none" else _first_device(model))
+        self.vision_dtype = next(model.vision_model.parameters()).dtype
+        self._special = self._special_token_ids()
+
+    # ---------------------------------------------------------------- load
+
+    @classmethod
+    def load(
+        cls,
+        ref: ModelRef,
+        options: LoadOptions = LoadOptions(),
+        *,
+        hardware: Hardware | None = None,
+        source: str | None = None,
+    ) -> LoadedModel:
+        """Load ``ref`` (from ``source`` if given: a local snapshot of it) and upgrade an old layout."""
+        where = source or ref.source
+        common = {"revision": options.revision, "cache_dir": options.cache_dir,
+                  "local_files_only": options.local_files_only}
+        if source is not None:
+            common = {"local_files_only": True}
+        try:
+            config = AutoConfig.from_pretrained(where, **common)
+        except Exception as exc:  # noqa: BLE001 - every cause is explained below
+            raise _load_error(exc, ref) from exc
+        kind = kind_from_config(config.to_dict(), ref.label)
+        plan = plan_load(kind.language_model, options, hardware or detect_hardware())
+        for note in plan.notes:
+            log.warning("%s: %s", ref.label, note)
+        kwargs: dict[str, Any] = {"dtype": DTYPES[plan.dtype], "device_map": plan.device_map, **common}
+        qconfig = quantization_config(plan)
+        if qconfig is not None:
+            kwargs["quantization_config"] = qconfig
+        try:
+            processor = AutoProcessor.from_pretrained(where, **common)
+            model = AutoModelForImageTextToText.from_pretrained(where, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise _load_error(exc, ref) from exc
+        model.eval()
+        upgraded = upgrade_old_layout(model, processor, ref.label)
+        spec = _spec_from(model, kind, ref, upgraded)
+        generation = _saved_generation_settings(where, common)
+        log.info("Loaded %s (%s, %s on %s)", ref.label, kind.family.value, plan.precision_label, plan.device)
+        return cls(ref.name, model, processor, spec, plan, checkpoint_generation=generation)
+
+    # ---------------------------------------------------------------- phase 1: prepare
+
+    def count_tokens(self, text: str) -> int:
+        """Language-model tokens of a prompt text, special tokens included."""
+        return len(self.tokenizer(text, verbose=False).input_ids)
+
+    def text_budget(self, max_new_tokens: int) -> int:
+        """Prompt tokens that fit beside the image tokens (and, for decoder-only models, the answer)."""
+        budget = self.spec.context_tokens - self.spec.num_query_tokens
+        if self.spec.decoder_only:
+            budget -= max_new_tokens
+        return budget
+
+    def prepare(
+        self,
+        task: Task,
+        *,
+        question: str = "",
+        history: Sequence[prompts.Turn] = (),
+        short: bool = False,
+        detailed: bool = False,
+        max_new_tokens: int = 30,
+    ) -> Prepared:
+        """Phase 1: the prompt for a task, fitted into the context, and its token ids."""
+        style = self.spec.prompt_style
+        budget = self.text_budget(max_new_tokens)
+        if task is Task.CAPTION:
+            plan = prompts.caption_prompt(style, detailed=detailed)
+        elif task is Task.ANSWER:
+            plan = prompts.answer_prompt(style, question, short=short)
+        else:
+            plan = prompts.fit_chat(style, history, question, count_tokens=self.count_tokens, budget=budget)
+        ids = self.tokenizer(plan.text, verbose=False).input_ids
+        if len(ids) > budget:
+            what = "question" if task is not Task.CAPTION else "caption prompt"
+            raise PromptTooLongError(
+                f"The {what} is {len(ids):,} tokens long, but this model can take at most {max(budget, 0):,} "
+                f"tokens of text with the image ({self.spec.num_query_tokens} tokens)"
+                + (f" and a {max_new_tokens}-token answer." if self.spec.decoder_only else ".")
+                + " Please shorten it" + (" or lower max_new_tokens." if self.spec.decoder_only else ".")
+            )
+        qformer_text = None
+        if self.spec.family is Family.INSTRUCTBLIP:
+            qformer_text = plan.instruction if plan.instruction is not None else plan.text
+        input_ids = (self.image_token_id,) * self.spec.num_query_tokens + tuple(ids)
+        return Prepared(task, plan, input_ids, qformer_text, len(ids), self.spec.context_tokens,
+                        self.spec.num_query_tokens)
+
+    # ---------------------------------------------------------------- phase 2: image features
+
+    def pixel_values(self, image: Image.Image) -> torch.Tensor:
+        """The image processor's tensor for one RGB image, on the vision model's device and dtype."""
+        pixels = self.processor.image_processor(images=[image], return_tensors="pt").pixel_values
+        return pixels.to(self.device, self.vision_dtype)
+
+    @torch.inference_mode()
+    def image_features(self, image: Image.Image, qformer_text: str | None = None, *, key: str | None = None
+                       ) -> torch.Tensor:
+        """Language-model inputs for an image (num_query_tokens x hidden), computed once per image content.
+
+        BLIP-2's features depend on the image alone. InstructBLIP's Q-Former also reads the instruction:
+        the vision encoder's output is cached per image and the Q-Former runs per instruction.
+        """
+        key = key or image_key(image)
+        full_key = (key, qformer_text if self.spec.family is Family.INSTRUCTBLIP else None)
+        cached = self.features.get(full_key)
+        if cached is not None:
+            return cached
+        if self.spec.family is Family.BLIP2:
+            features = self.model.get_image_features(self.pixel_values(image), return_dict=True).pooler_output
+        else:
+            vision_key = (key, "<vision>")
+            image_embeds = self.features.get(vision_key)
+            if image_embeds is None:
+                image_embeds = self.model.vision_model(pixel_values=self.pixel_values(image),
+                                                       return_dict=True).last_hidden_state
+                self.features.put(vision_key, image_embeds)
+            features = self._instruct_qformer(image_embeds, qformer_text or "")
+        self.features.put(full_key, features)
+        return features
+
+    def _instruct_qformer(self, image_embeds: torch.Tensor, instruction: str) -> torch.Tensor:
+        """InstructBLIP's Q-Former and projection (transformers' get_image_features, steps 2 and 3)."""
+        model = self.model
+        limit = self.spec.qformer_tokens or 512
+        encoded = self.processor.qformer_tokenizer(
+            instruction, truncation=True, max_length=limit, return_tensors="pt"
+        )
+        qformer_ids = encoded.input_ids.to(image_embeds.device)
+        qformer_mask = encoded.attention_mask.to(image_embeds.device)
+        image_mask = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=image_embeds.device)
+        query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_mask = torch.ones(query_tokens.size()[:-1], dtype=torch.long, device=image_embeds.device)
+        output = model.qformer(
+            input_ids=qformer_ids,
+            attention_mask=torch.cat([query_mask, qformer_mask], dim=1),
+            query_embeds=query_tokens,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            return_dict=True,
+        ).last_hidden_state[:, : query_tokens.size(1), :]
+        return model.language_projection(output)
+
+    # ---------------------------------------------------------------- phase 2: generate
+
+    def _special_token_ids(self) -> list[int]:
+        """Ids never worth generating: the image placeholder, and padding where it is not also EOS."""
+        ids = {self.image_token_id}
+        pad = self.tokenizer.pad_token_id
+        eos = self.tokenizer.eos_token_id
+        if pad is not None and pad != eos:
+            ids.add(int(pad))
+        return sorted(ids)
+
+    def _inputs_embeds(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        embeds = self.model.get_input_embeddings()(input_ids)
+        mask = (input_ids == self.image_token_id).unsqueeze(-1).to(embeds.device)
+        return embeds.masked_scatter(mask, features.to(embeds.device, embeds.dtype))
+
+    def generate(
+        self,
+        image: Image.Image,
+        prepared: Prepared,
+        settings: GenerationSettings,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+        time_limit: float | None = None,
+        lock_timeout: float | None = None,
+        image_id: str | None = None,
+    ) -> Reply:
+        """Phases 2 and 3 for one request, in the calling thread, holding the device lock throughout.
+
+        ``on_text`` receives the cleaned text so far after each token (greedy and sampling only).
+        ``cancel`` stops the work itself at the next token. Raises CancelledError if cancelled,
+        GenerationError on out-of-memory or a failure inside the model.
+        """
+        cancel = cancel or threading.Event()
+        lock = DEVICE_LOCKS.get(self.plan.device)
+        if not lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout):
+            raise BusyError("The model is busy with other requests; please try again in a moment.")
+        started = time.monotonic()
+        try:
+            if cancel.is_set():
+                raise CancelledError("The request was cancelled before it started.")
+            features = self.image_features(image, prepared.qformer_text, key=image_id)
+            new_ids, reason = self._generate_ids(prepared, features, settings, on_text, cancel,
+                                                 None if time_limit is None else started + time_limit)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            _free_accelerator_memory()
+            raise GenerationError(
+                "The model ran out of memory on this request. Try fewer new tokens, fewer beams, "
+                "a shorter conversation or a smaller model."
+            ) from exc
+        finally:
+            lock.release()
+        if reason == "cancelled":
+            raise CancelledError("The request was cancelled.")
+        text, _ = clean_output(self.decode(new_ids))
+        return Reply(
+            text=text,
+            model=self.name,
+            prompt=prepared.prompt.text,
+            prompt_tokens=prepared.prompt_tokens,
+            image_tokens=prepared.image_tokens,
+            context_tokens=prepared.context_tokens,
+            dropped_turns=prepared.prompt.dropped_turns,
+            new_tokens=len(new_ids),
+            seconds=time.monotonic() - started,
+            stopped_early=reason,
+            settings=settings,
+        )
+
+    @torch.inference_mode()
+    def _generate_ids(
+        self,
+        prepared: Prepared,
+        features: torch.Tensor,
+        settings: GenerationSettings,
+        on_text: Callable[[str], None] | None,
+        cancel: threading.Event,
+        deadline: float | None,
+    ) -> tuple[list[int], str | None]:
+        """Run the language model on image features and prompt ids; return the new ids and why it stopped."""
+        input_ids = torch.tensor([prepared.input_ids], dtype=torch.long, device=self.device)
+        attention_mask = torch.ones_like(input_ids)
+        inputs = {"inputs_embeds": self._inputs_embeds(input_ids, features), "attention_mask": attention_mask}
+        if self.spec.decoder_only:
+            inputs["input_ids"] = input_ids
+        collector = _Collector(self.decode, on_text) if settings.streams else None
+        stopper = _Stopper(cancel, deadline, collector)
+        kwargs = settings.generate_kwargs()
+        kwargs.update(
+            stopping_criteria=StoppingCriteriaList([stopper]),
+            suppress_tokens=self._special,
+            pad_token_id=self._pad_id(),
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        if not self.spec.decoder_only:
+            kwargs["decoder_start_token_id"] = self._decoder_start_id()
+        if collector is not None:
+            kwargs["streamer"] = collector
+        with _seeded(settings, self.device):
+            output = self.model.language_model.generate(**inputs, **kwargs)
+        sequence = output[0].tolist()
+        if self.spec.decoder_only:
+            sequence = sequence[input_ids.shape[1]:]
+        elif sequence and sequence[0] == kwargs["decoder_start_token_id"]:
+            sequence = sequence[1:]
+        return sequence, stopper.reason
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def _decoder_start_id(self) -> int:
+        text_config = self.model.config.text_config
+        start = text_config.decoder_start_token_id
+        if start is None:
+            start = self.checkpoint_generation.get("decoder_start_token_id", self._pad_id())
+        return int(start)
+
+    # ---------------------------------------------------------------- phase 3: decode
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids to text without special tokens."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ---------------------------------------------------------------- streaming
+
+    def stream(
+        self,
+        image: Image.Image,
+        prepared: Prepared,
+        settings: GenerationSettings,
+        *,
+        cancel: threading.Event | None = None,
+        time_limit: float | None = None,
+        lock_timeout: float | None = None,
+        image_id: str | None = None,
+    ) -> Iterator[Reply]:
+        """Yield the text so far (``finished`` False) as it is generated, then the final Reply.
+
+        Generation runs in its own thread, which holds the device lock. An exception there reaches
+        the caller at once; closing this iterator (a client that went away) stops the generation.
+        """
+        cancel = cancel or threading.Event()
+        updates: queue.Queue = queue.Queue()
+        done = object()
+
+        def on_text(text: str) -> None:
+            updates.put(text)
+
+        def work() -> None:
+            try:
+                updates.put(self.generate(image, prepared, settings, on_text=on_text, cancel=cancel,
+                                          time_limit=time_limit, lock_timeout=lock_timeout, image_id=image_id))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                updates.put(exc)
+            finally:
+                updates.put(done)
+
+        thread = threading.Thread(target=work, name=f"generate-{self.name}", daemon=True)
+        thread.start()
+        partial = Reply(text="", model=self.name, prompt=prepared.prompt.text, prompt_tokens=prepared.prompt_tokens,
+                        image_tokens=prepared.image_tokens, context_tokens=prepared.context_tokens,
+                        dropped_turns=prepared.prompt.dropped_turns, finished=False, settings=settings)
+        try:
+            while True:
+                item = updates.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Reply):
+                    yield item
+                else:
+                    yield replace(partial, text=item)
+        finally:
+            cancel.set()  # no-op after a normal end; stops the thread if the consumer went away
+
+
+def _first_device(model: Any) -> str:
+    device_map = getattr(model, "hf_device_map", None) or {}
+    for value in device_map.values():
+        if isinstance(value, int):
+            return f"cuda:{value}"
+        if isinstance(value, str) and value not in ("disk",):
+            return value
+    return str(next(model.parameters()).device)
+
+
+@contextlib.contextmanager
+def _seeded(settings: GenerationSettings, device: torch.device) -> Iterator[None]:
+    if not (settings.do_sample and settings.seed is not None):
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(settings.seed)
+        yield
+
+
+def _free_accelerator_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _load_error(exc: BaseException, ref: ModelRef) -> Exception:
+    if isinstance(exc, (UnsupportedCheckpointError, ModelLoadError)):
+        return exc
+    return explain_load_error(exc, ref)
+
+
+def upgrade_old_layout(model: Any, processor: Any, label: str) -> bool:
+    """Give a checkpoint saved before transformers 4.46 its ``<image>`` placeholders, as its docs describe.
+
+    Sets ``processor.num_query_tokens`` from the model config, makes sure the tokenizer has the
+    ``<image>`` token (the processor adds it on load when missing), grows the embeddings to cover it,
+    and sets ``config.image_token_index``. Returns whether anything had to change; raises
+    UnsupportedCheckpointError when the checkpoint cannot be made to use the image.
+    """
+    config = model.config
+    tokenizer = processor.tokenizer
+    changed = False
+    num_query = getattr(config, "num_query_tokens", None)
+    if not isinstance(num_query, int) or num_query <= 0:
+        raise UnsupportedCheckpointError(f"{label} has no num_query_tokens in its config, so its image cannot be used.")
+    if getattr(processor, "num_query_tokens", None) != num_query:
+        processor.num_query_tokens = num_query
+        changed = True
+    image_token = getattr(processor, "image_token", None)
+    token_text = getattr(image_token, "content", None) or "<image>"
+    token_id = tokenizer.convert_tokens_to_ids(token_text)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        from transformers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(token_text, normalized=False, special=True)], special_tokens=True)
+        token_id = tokenizer.convert_tokens_to_ids(token_text)
+        changed = True
+    embeddings = model.get_input_embeddings()
+    if token_id >= embeddings.num_embeddings:
+        try:
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        except Exception as exc:  # noqa: BLE001
+            raise UnsupportedCheckpointError(
+                f"{label} uses the old BLIP layout without <image> tokens, and its embeddings could not be "
+                f"grown to add one ({type(exc).__name__}), so its image cannot be used."
+            ) from exc
+        changed = True
+    if getattr(config, "image_token_index", None) != token_id:
+        config.image_token_index = token_id
+        changed = True
+    if changed:
+        log.warning("%s uses the old BLIP layout; upgraded at load time (<image> is token %d).", label, token_id)
+    return changed
+
+
+def _spec_from(model: Any, kind: CheckpointKind, ref: ModelRef, upgraded: bool) -> ModelSpec:
+    config = model.config
+    text = config.text_config
+    if kind.language_model.decoder_only:
+        context = int(getattr(text, "max_position_embeddings", None) or 2048)
+    else:
+        context = int(getattr(text, "n_positions", None) or 512)
+    qformer_tokens = None
+    if kind.family is Family.INSTRUCTBLIP:
+        qformer_tokens = int(getattr(config.qformer_config, "max_position_embeddings", 512))
+    if ref.entry is not None:
+        style = ref.entry.prompt_style
+    else:
+        style = PromptStyle.INSTRUCTBLIP if kind.family is Family.INSTRUCTBLIP else PromptStyle.BLIP2
+    return ModelSpec(kind.family, kind.language_model, style, int(config.num_query_tokens), context,
+                     qformer_tokens, upgraded)
+
+
+def _saved_generation_settings(where: str, common: Mapping[str, Any]) -> dict[str, Any]:
+    """The values a checkpoint's generation_config.json sets explicitly (differing from the defaults)."""
+    try:
+        saved = GenerationConfig.from_pretrained(where, **common)
+    except (OSError, ValueError):
+        return {}
+    return saved.to_diff_dict()
