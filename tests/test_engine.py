@@ -1,0 +1,274 @@
+"""The engine on tiny checkpoints of all four families, loaded from disk through from_pretrained."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blip_app.catalog import Family, ModelRef, resolve
+from blip_app.devices import LoadOptions
+from blip_app.engine import DEVICE_LOCKS, LoadedModel, clean_output
+from blip_app.errors import (
+    CancelledError,
+    ModelLoadError,
+    PromptTooLongError,
+    UnsupportedCheckpointError,
+)
+from blip_app.prompts import Turn
+from blip_app.settings import GenerationSettings, Task
+from blip_app.tiny import FAMILIES, make_tiny_checkpoint
+
+GREEDY = GenerationSettings(max_new_tokens=8, num_beams=1)
+
+
+def noise(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+
+
+RED = Image.new("RGB", (48, 48), (220, 30, 30))
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoints):
+    """Each family loaded once through the real from_pretrained path."""
+    return {family: LoadedModel.load(resolve(str(path))) for family, path in tiny_checkpoints.items()}
+
+
+def reference_ids(loaded: LoadedModel, image: Image.Image, text: str, settings: GenerationSettings) -> list[int]:
+    """What transformers' own generate() makes of the same image and prompt (no caching, no shortcuts)."""
+    inputs = loaded.processor(images=image, text=text, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.vision_dtype)
+    kwargs = settings.generate_kwargs()
+    kwargs.update(suppress_tokens=loaded._special, pad_token_id=loaded._pad_id(),
+                  eos_token_id=loaded.tokenizer.eos_token_id)
+    if not loaded.spec.decoder_only:
+        kwargs["decoder_start_token_id"] = loaded._decoder_start_id()
+    with torch.inference_mode():
+        output = loaded.model.generate(**inputs, **kwargs)[0].tolist()
+    if loaded.spec.decoder_only:
+        return output[inputs["input_ids"].shape[1]:]
+    return output[1:]
+
+
+def our_ids(loaded: LoadedModel, image: Image.Image, prepared, settings) -> list[int]:
+    features = loaded.image_features(image, prepared.qformer_text)
+    ids, _ = loaded._generate_ids(prepared, features, settings, None, threading.Event(), None)
+    return ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("task", [Task.CAPTION, Task.ANSWER])
+@pytest.mark.parametrize("settings", [GREEDY, GenerationSettings(max_new_tokens=6, num_beams=3)], ids=["greedy", "beam"])
+def test_same_tokens_as_transformers_generate(models, family, task, settings):
+    loaded = models[family]
+    prepared = loaded.prepare(task, question="what is in the picture?", max_new_tokens=settings.max_new_tokens)
+    image = noise(1)
+    assert our_ids(loaded, image, prepared, settings) == reference_ids(loaded, image, prepared.prompt.text, settings)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_caption_answer_and_chat(models, family):
+    loaded = models[family]
+    caption = loaded.generate(RED, loaded.prepare(Task.CAPTION), GREEDY)
+    answer = loaded.generate(RED, loaded.prepare(Task.ANSWER, question="what colour is it?"), GREEDY)
+    history = [Turn("what is it?", "a red square"), Turn("is it big?", "no")]
+    chat = loaded.generate(RED, loaded.prepare(Task.CHAT, question="where is it?", history=history), GREEDY)
+    for reply in (caption, answer, chat):
+        assert reply.text and reply.text == reply.text.strip()
+        assert "<image>" not in reply.text and "</s>" not in reply.text and "<pad>" not in reply.text
+        assert reply.image_tokens == 4 and 0 < reply.new_tokens <= 8
+    assert chat.prompt.startswith("Question: what is it? Answer: a red square. Question: is it big? Answer: no.")
+    assert chat.prompt.endswith("Question: where is it? Answer:")
+    assert chat.dropped_turns == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_image_is_used(models, family):
+    loaded = models[family]
+    prepared = loaded.prepare(Task.CAPTION)
+    outputs = {tuple(our_ids(loaded, image, prepared, GREEDY)) for image in (RED, noise(2), noise(3))}
+    assert len(outputs) > 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_features_are_computed_once_per_image(models, family):
+    loaded = models[family]
+    calls = []
+    hook = loaded.model.vision_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        image = noise(10)
+        loaded.generate(image, loaded.prepare(Task.CAPTION), GREEDY)
+        loaded.generate(image.copy(), loaded.prepare(Task.ANSWER, question="what is it?"), GREEDY)
+        loaded.generate(image, loaded.prepare(Task.CHAT, question="and?", history=[Turn("a", "b")]), GREEDY)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+
+
+def test_instructblip_qformer_gets_the_newest_question_only(models):
+    loaded = models["instructblip-vicuna"]
+    prepared = loaded.prepare(Task.CHAT, question="what now?", history=[Turn("first?", "yes")])
+    assert prepared.qformer_text == "what now?"
+    assert prepared.prompt.text == "Question: first? Answer: yes. Question: what now? Answer:"
+
+
+def test_instructblip_qformer_instruction_is_cut_to_its_own_limit(models):
+    loaded = models["instructblip-flan-t5"]  # Q-Former of the tiny checkpoint takes 64 positions
+    long_question = " ".join(["word"] * 100)
+    reply = loaded.generate(RED, loaded.prepare(Task.ANSWER, question=long_question), GREEDY)
+    assert reply.text
+
+
+@pytest.fixture(scope="module")
+def small_context(tmp_path_factory):
+    """An OPT checkpoint with 48 positions: 4 image tokens, the prompt and the answer must share them."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("small") / "opt48", "blip2-opt", max_positions=48)
+    return LoadedModel.load(resolve(str(path)))
+
+
+def test_chat_is_trimmed_to_the_context_oldest_turns_first(small_context):
+    loaded = small_context
+    history = [Turn(f"q{i}?", f"a{i}") for i in range(12)]
+    prepared = loaded.prepare(Task.CHAT, question="new?", history=history, max_new_tokens=8)
+    assert prepared.prompt.dropped_turns > 0
+    assert prepared.total_tokens + 8 <= 48
+    assert prepared.prompt.text.endswith("Question: new? Answer:")
+    assert 0 < prepared.prompt.kept_turns < 12
+    kept = history[prepared.prompt.dropped_turns:]
+    assert prepared.prompt.text.startswith(f"Question: {kept[0].question}")
+    reply = loaded.generate(RED, prepared, GenerationSettings(max_new_tokens=8, num_beams=1))
+    assert reply.dropped_turns == prepared.prompt.dropped_turns
+
+
+def test_a_message_too_long_on_its_own_is_refused(small_context):
+    with pytest.raises(PromptTooLongError, match="at most 36 tokens"):
+        small_context.prepare(Task.CHAT, question="word " * 60, max_new_tokens=8)
+    with pytest.raises(PromptTooLongError, match="Please shorten it"):
+        small_context.prepare(Task.ANSWER, question="word " * 60, max_new_tokens=8)
+
+
+def test_answer_room_counts_against_the_context(small_context):
+    with pytest.raises(PromptTooLongError, match="lower max_new_tokens"):
+        small_context.prepare(Task.ANSWER, question="what is it?", max_new_tokens=44)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_old_layout_checkpoints_are_upgraded_and_use_the_image(tiny_legacy_checkpoints, family):
+    loaded = LoadedModel.load(resolve(str(tiny_legacy_checkpoints[family])))
+    assert loaded.spec.upgraded_layout
+    assert loaded.processor.num_query_tokens == loaded.model.config.num_query_tokens
+    assert loaded.tokenizer.convert_tokens_to_ids("<image>") == loaded.model.config.image_token_index
+    assert loaded.model.get_input_embeddings().num_embeddings > loaded.image_token_id
+    prepared = loaded.prepare(Task.CAPTION)
+    assert prepared.input_ids[:4] == (loaded.image_token_id,) * 4
+    outputs = {tuple(our_ids(loaded, image, prepared, GREEDY)) for image in (RED, noise(4), noise(5))}
+    assert len(outputs) > 1
+
+
+@pytest.mark.parametrize("family", ["blip2-opt", "instructblip-flan-t5"])
+def test_streaming_yields_growing_text_and_ends_with_the_same_answer(models, family):
+    loaded = models[family]
+    settings = GenerationSettings(max_new_tokens=10, num_beams=1)
+    prepared = loaded.prepare(Task.ANSWER, question="what is it?")
+    updates = list(loaded.stream(noise(6), prepared, settings))
+    assert updates[-1].finished and all(not u.finished for u in updates[:-1])
+    assert len(updates) >= 3
+    assert updates[-1].text == loaded.generate(noise(6), prepared, settings).text
+
+
+def test_beam_search_does_not_stream_but_finishes(models):
+    loaded = models["blip2-flan-t5"]
+    updates = list(loaded.stream(RED, loaded.prepare(Task.CAPTION), GenerationSettings(max_new_tokens=5, num_beams=3)))
+    assert len(updates) == 1 and updates[0].finished
+
+
+def test_an_exception_in_the_generating_thread_reaches_the_caller_at_once(models, monkeypatch):
+    loaded = models["blip2-opt"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(loaded.model.language_model, "generate", broken)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="injected fault"):
+        list(loaded.stream(RED, loaded.prepare(Task.CAPTION), GREEDY))
+    assert time.monotonic() - started < 1.0
+    assert not DEVICE_LOCKS.get("cpu").locked()
+
+
+def test_out_of_memory_becomes_a_message_and_the_next_call_works(models, monkeypatch):
+    from blip_app.errors import GenerationError
+
+    loaded = models["blip2-opt"]
+    original = loaded.model.language_model.generate
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(loaded.model.language_model, "generate", oom)
+    with pytest.raises(GenerationError, match="ran out of memory.*fewer new tokens"):
+        loaded.generate(RED, loaded.prepare(Task.CAPTION), GREEDY)
+    monkeypatch.setattr(loaded.model.language_model, "generate", original)
+    assert loaded.generate(RED, loaded.prepare(Task.CAPTION), GREEDY).text
+
+
+def test_closing_a_stream_stops_the_generation_itself(models):
+    loaded = models["instructblip-vicuna"]
+    settings = GenerationSettings(max_new_tokens=200, min_new_tokens=200, num_beams=1)
+    steps = []
+    hook = loaded.model.language_model.register_forward_hook(lambda *args: steps.append(1))
+    try:
+        stream = loaded.stream(RED, loaded.prepare(Task.CAPTION), settings)
+        next(stream)
+        next(stream)
+        stream.close()
+        deadline = time.monotonic() + 5
+        while DEVICE_LOCKS.get("cpu").locked() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not DEVICE_LOCKS.get("cpu").locked()
+    finally:
+        hook.remove()
+    assert len(steps) < 100  # it stopped long before its 200 tokens
+
+
+def test_cancel_before_start_and_time_limit(models):
+    loaded = models["blip2-opt"]
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CancelledError):
+        loaded.generate(RED, loaded.prepare(Task.CAPTION), GREEDY, cancel=cancel)
+    long = GenerationSettings(max_new_tokens=300, min_new_tokens=300, num_beams=1)
+    reply = loaded.generate(RED, loaded.prepare(Task.CAPTION), long, time_limit=0.0)
+    assert reply.stopped_early == "time limit" and reply.new_tokens < 300
+
+
+def test_clean_output_cuts_run_on_dialogue():
+    assert clean_output(" a dog. Question: what is it? Answer: a cat") == ("a dog.", True)
+    assert clean_output("two\x00 cats") == ("two cats", False)
+
+
+def test_a_folder_that_is_not_blip_is_refused_by_name(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedCheckpointError, match="'bert' checkpoint, not BLIP-2 or InstructBLIP"):
+        LoadedModel.load(resolve(str(tmp_path)))
+
+
+def test_a_model_neither_cached_nor_downloadable_is_explained(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ref = ModelRef(name="nobody/blip2-missing", source="nobody/blip2-missing", entry=None, is_local=False)
+    with pytest.raises(ModelLoadError, match="not in the local cache and could not be downloaded"):
+        LoadedModel.load(ref, LoadOptions(cache_dir=str(tmp_path)))
+
+
+def test_spec_is_read_from_the_config(models):
+    assert models["blip2-opt"].spec.family is Family.BLIP2 and models["blip2-opt"].spec.decoder_only
+    assert models["blip2-flan-t5"].spec.context_tokens == 512 and not models["blip2-flan-t5"].spec.decoder_only
+    assert models["instructblip-vicuna"].spec.qformer_tokens == 64
