@@ -225,9 +225,13 @@ def _read_source(source: str | os.PathLike[str] | bytes | BinaryIO, limits: Imag
                 raise _refuse(_too_many_bytes(size, limits))
             with open(path, "rb") as handle:
                 data = handle.read(limits.max_bytes + 1)
+        except FileNotFoundError:
+            raise BadImageError(f"The image file {os.path.basename(path)!r} does not exist.") from None
         except OSError as exc:
-            logger.warning("Could not read the uploaded image file %r: %r", path, exc)
-            raise BadImageError("The uploaded file could not be read on the server; please upload it again.") from None
+            logger.warning("Could not read the image file %r: %r", path, exc)
+            raise BadImageError(
+                f"The image file {os.path.basename(path)!r} could not be read ({exc.strerror or 'I/O error'})."
+            ) from None
         if len(data) > limits.max_bytes:  # the file grew after stat()
             raise _refuse(f"The file is larger than {_mb(limits.max_bytes)}, the limit.")
     elif hasattr(source, "read"):

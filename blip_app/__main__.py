@@ -1,0 +1,183 @@
+"""Command line: ``python -m blip_app {caption,ask,models,make-tiny} ...``.
+
+A failure prints one line naming the problem on stderr (no traceback; ``--verbose`` shows it) and
+exits non-zero: 2 for bad usage or input, 1 for a model that cannot be loaded or run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .catalog import catalog_entries
+from .devices import PRECISIONS, QUANTIZATIONS, LoadOptions
+from .errors import BadImageError, BadInputError, BlipAppError, SettingsError, UnknownModelError
+from .settings import SETTING_NAMES, Preset
+
+log = logging.getLogger("blip_app")
+
+DEFAULT_MODEL = os.environ.get("BLIP_APP_DEFAULT_MODEL", "blip2-opt-2.7b")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="catalog name, hub id or checkpoint folder (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
+    parser.add_argument("--offline", action="store_true", help="never download; local cache and folders only")
+    parser.add_argument("--preset", choices=[p.value for p in Preset], default=Preset.STANDARD.value)
+    for name in SETTING_NAMES:
+        kind = {"do_sample": str}.get(name, float if name in ("temperature", "top_p", "repetition_penalty",
+                                                             "length_penalty") else int)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                            help=argparse.SUPPRESS if name == "seed" else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m blip_app`` parser."""
+    parser = argparse.ArgumentParser(prog="python -m blip_app", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", "-v", action="store_true", help="log progress and show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    caption = commands.add_parser("caption", help="caption one or more images")
+    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    caption.add_argument("--json", action="store_true", help="one JSON object per line: image, model, caption")
+    caption.add_argument("--detailed", action="store_true", help="a longer description")
+    _add_model_options(caption)
+
+    ask = commands.add_parser("ask", help="answer a question about an image")
+    ask.add_argument("image", metavar="IMAGE")
+    ask.add_argument("question", metavar="QUESTION")
+    ask.add_argument("--short", action="store_true", help="ask for a short answer")
+    ask.add_argument("--json", action="store_true", help="print a JSON object: image, model, question, answer")
+    _add_model_options(ask)
+
+    models = commands.add_parser("models", help="list the catalog")
+    models.add_argument("--json", action="store_true")
+
+    tiny = commands.add_parser("make-tiny", help="write tiny random checkpoints of all four families (offline)")
+    tiny.add_argument("directory", metavar="DIR")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {name: getattr(args, name) for name in SETTING_NAMES if getattr(args, name, None) is not None}
+
+
+def _session(args: argparse.Namespace):
+    from .service import Service
+
+    options = LoadOptions(device=args.device, precision=args.precision, quantization=args.quantization,
+                          local_files_only=args.offline or os.environ.get("HF_HUB_OFFLINE") == "1")
+    return Service([args.model], options)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Caption each image; one line (or JSON object) per image. Unreadable images fail the command."""
+    from .images import load_image
+
+    images = []
+    for path in args.images:  # read every image first: a bad one fails before any model loads
+        images.append((path, load_image(path)))
+    service = _session(args)
+    preset = Preset.DETAILED if args.detailed and args.preset == Preset.STANDARD.value else Preset(args.preset)
+    for path, image in images:
+        reply = service.caption(args.model, image, preset=preset, overrides=_overrides(args), detailed=args.detailed)
+        if args.json:
+            print(json.dumps({"image": path, "model": args.model, "caption": reply.text}, ensure_ascii=False))
+        else:
+            print(f"{path}: {reply.text}" if len(images) > 1 else reply.text)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """Answer one question about one image."""
+    from .images import load_image
+
+    image = load_image(args.image)
+    service = _session(args)
+    reply = service.answer(args.model, image, args.question, preset=Preset(args.preset),
+                           overrides=_overrides(args), short=args.short)
+    if args.json:
+        print(json.dumps({"image": args.image, "model": args.model, "question": args.question,
+                          "answer": reply.text}, ensure_ascii=False))
+    else:
+        print(reply.text)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Print the catalog."""
+    rows = []
+    for entry in catalog_entries():
+        rows.append({
+            "name": entry.name, "hub_id": entry.hub_id, "family": entry.family.value,
+            "language_model": entry.language_model.value, "prompt_style": entry.prompt_style.value,
+            "context_tokens": entry.context_tokens, "gpu_dtype": entry.language_model.gpu_dtype,
+            "memory_gb": {p: entry.memory_gb(p) for p in ("bfloat16", "8bit", "4bit")},
+            "description": entry.description,
+        })
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    header = f"{'name':26} {'family':13} {'LM':8} {'context':>7} {'GPU dtype':9} {'GB 16-bit/8-bit/4-bit':>21}"
+    print(header)
+    for row in rows:
+        memory = "{bfloat16:>5} / {8bit:>4} / {4bit:>4}".format(**row["memory_gb"])
+        print(f"{row['name']:26} {row['family']:13} {row['language_model']:8} {row['context_tokens']:>7} "
+              f"{row['gpu_dtype']:9} {memory:>21}")
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    """Write the tiny offline checkpoints."""
+    from .tiny import make_tiny_checkpoints, make_tiny_retrieval_checkpoint
+
+    paths = make_tiny_checkpoints(args.directory, seed=args.seed)
+    paths["retrieval"] = make_tiny_retrieval_checkpoint(os.path.join(args.directory, "retrieval"), seed=args.seed)
+    for family, path in paths.items():
+        print(f"{family}: {path}")
+    return 0
+
+
+COMMANDS = {"caption": cmd_caption, "ask": cmd_ask, "models": cmd_models, "make-tiny": cmd_make_tiny}
+
+# Errors caused by what the user typed or gave exit 2; errors of the model or machine exit 1.
+_USAGE_ERRORS = (BadImageError, BadInputError, SettingsError, UnknownModelError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; return the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return COMMANDS[args.command](args)
+    except BlipAppError as exc:
+        if args.verbose:
+            log.exception("failed")
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, _USAGE_ERRORS) else 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback, unless --verbose
+        if args.verbose:
+            log.exception("failed")
+        print(f"error: unexpected failure ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+              "run with --verbose for details", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Settings read once at start-up, from command-line flags and environment variables (for Spaces).
+
+Every option has one default, written here, and an environment variable named ``BLIP_APP_<OPTION>``.
+A flag wins over its variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .devices import PRECISIONS, QUANTIZATIONS, LoadOptions
+from .images import ImageLimits
+from .settings import Limits
+
+# Offered when no --model is given: small enough for a CPU or a free GPU, one of each family.
+DEFAULT_MODELS = ("blip2-opt-2.7b", "blip2-flan-t5-xl", "instructblip-flan-t5-xl", "instructblip-vicuna-7b")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything the app needs to know at start-up."""
+
+    models: tuple[str, ...] = DEFAULT_MODELS
+    default_model: str = DEFAULT_MODELS[0]
+    load: LoadOptions = field(default_factory=LoadOptions)
+    memory_budget_gb: float | None = None  # None: 90% of the GPU or 80% of RAM
+    host: str = "127.0.0.1"
+    port: int = 7860
+    max_upload_mb: float = 20.0
+    queue_size: int = 32
+    auth: tuple[str, str] | None = None
+    limits: Limits = field(default_factory=Limits)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    max_message_chars: int = 2000
+    time_limit_s: float = 300.0
+    rate_limit_per_minute: int = 30
+    preload: bool = False  # load the default model at start-up instead of on first use
+    delete_uploads_after_s: int = 3600
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(f"BLIP_APP_{name}")
+    return value if value not in (None, "") else default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The app's command-line flags."""
+    parser = argparse.ArgumentParser(
+        prog="app.py", description="Talk with images through BLIP-2 and InstructBLIP in the browser."
+    )
+    parser.add_argument("--model", action="append", dest="models", metavar="NAME_OR_PATH",
+                        help="a model to offer (repeatable): catalog name, hub id or checkpoint folder "
+                             "[BLIP_APP_MODELS, comma-separated]")
+    parser.add_argument("--default-model", help="the model selected at start [BLIP_APP_DEFAULT_MODEL]")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N [BLIP_APP_DEVICE]")
+    parser.add_argument("--precision", choices=PRECISIONS, help="weights dtype [BLIP_APP_PRECISION]")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, help="bitsandbytes quantisation [BLIP_APP_QUANTIZATION]")
+    parser.add_argument("--memory-budget-gb", type=float, help="memory the loaded models may take [BLIP_APP_MEMORY_BUDGET_GB]")
+    parser.add_argument("--host", help="interface to listen on [BLIP_APP_HOST]; 0.0.0.0 on Spaces")
+    parser.add_argument("--port", type=int, help="port [BLIP_APP_PORT, GRADIO_SERVER_PORT]")
+    parser.add_argument("--max-upload-mb", type=float, help="largest upload accepted [BLIP_APP_MAX_UPLOAD_MB]")
+    parser.add_argument("--queue-size", type=int, help="requests waiting at most [BLIP_APP_QUEUE_SIZE]")
+    parser.add_argument("--auth", metavar="USER:PASSWORD", help="require a login [BLIP_APP_AUTH]")
+    parser.add_argument("--max-new-tokens-cap", type=int, help="server cap on new tokens [BLIP_APP_MAX_NEW_TOKENS_CAP]")
+    parser.add_argument("--beams-cap", type=int, help="server cap on beams [BLIP_APP_BEAMS_CAP]")
+    parser.add_argument("--time-limit", type=float, help="seconds a generation may take [BLIP_APP_TIME_LIMIT]")
+    parser.add_argument("--preload", action="store_true", default=None,
+                        help="load the default model at start-up [BLIP_APP_PRELOAD=1]")
+    parser.add_argument("--offline", action="store_true", default=None,
+                        help="never download; use the local cache and folders only [BLIP_APP_OFFLINE=1, HF_HUB_OFFLINE=1]")
+    return parser
+
+
+def _flag(value: object, env: str, default: object) -> object:
+    return value if value is not None else (_env(env) if _env(env) is not None else default)
+
+
+def _truthy(value: object) -> bool:
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
+def parse_config(argv: Sequence[str] | None = None) -> AppConfig:
+    """Read flags (``argv``) and environment variables into an AppConfig; exits with usage on bad flags."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    models = tuple(args.models or [m.strip() for m in (_env("MODELS") or "").split(",") if m.strip()]) or DEFAULT_MODELS
+    default_model = str(_flag(args.default_model, "DEFAULT_MODEL", models[0]))
+    if default_model not in models:
+        parser.error(f"--default-model {default_model} is not among the offered models: {', '.join(models)}")
+    precision = str(_flag(args.precision, "PRECISION", "auto"))
+    quantization = str(_flag(args.quantization, "QUANTIZATION", "none"))
+    if precision not in PRECISIONS:
+        parser.error(f"BLIP_APP_PRECISION must be one of {', '.join(PRECISIONS)}")
+    if quantization not in QUANTIZATIONS:
+        parser.error(f"BLIP_APP_QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}")
+    offline = _truthy(_flag(args.offline, "OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0")))
+    load = LoadOptions(device=str(_flag(args.device, "DEVICE", "auto")), precision=precision,
+                       quantization=quantization, local_files_only=offline)
+    on_spaces = bool(os.environ.get("SPACE_ID"))
+    auth = None
+    auth_text = _flag(args.auth, "AUTH", None)
+    if auth_text:
+        user, sep, password = str(auth_text).partition(":")
+        if not sep or not user or not password:
+            parser.error("--auth must look like USER:PASSWORD")
+        auth = (user, password)
+    budget = _flag(args.memory_budget_gb, "MEMORY_BUDGET_GB", None)
+    limits = Limits(
+        max_new_tokens=int(_flag(args.max_new_tokens_cap, "MAX_NEW_TOKENS_CAP", Limits.max_new_tokens)),
+        num_beams=int(_flag(args.beams_cap, "BEAMS_CAP", Limits.num_beams)),
+    )
+    port = _flag(args.port, "PORT", os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    return AppConfig(
+        models=models,
+        default_model=default_model,
+        load=load,
+        memory_budget_gb=float(budget) if budget is not None else None,
+        host=str(_flag(args.host, "HOST", "0.0.0.0" if on_spaces else "127.0.0.1")),
+        port=int(port),
+        max_upload_mb=float(_flag(args.max_upload_mb, "MAX_UPLOAD_MB", 20.0)),
+        queue_size=int(_flag(args.queue_size, "QUEUE_SIZE", 32)),
+        auth=auth,
+        limits=limits,
+        time_limit_s=float(_flag(args.time_limit, "TIME_LIMIT", 300.0)),
+        preload=_truthy(_flag(args.preload, "PRELOAD", "0")),
+    )

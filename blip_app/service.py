@@ -1,0 +1,147 @@
+"""The three tasks as the UI, the API and the command line call them.
+
+Validates text and settings before any model is touched, takes a model from the manager for the
+length of the request, and runs the engine's phases. Nothing here branches on a model family: the
+engine and the prompt styles carry that knowledge.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from PIL import Image
+
+from .devices import LoadOptions
+from .errors import BadImageError
+from .manager import ModelManager, ModelState
+from .prompts import Turn, clean_text
+from .settings import Limits, Preset, Task, resolve_settings
+
+
+class Service:
+    """Caption, answer and chat on the offered models."""
+
+    def __init__(
+        self,
+        models: Sequence[str],
+        options: LoadOptions = LoadOptions(),
+        *,
+        memory_budget_gb: float | None = None,
+        limits: Limits = Limits(),
+        max_message_chars: int = 2000,
+        time_limit_s: float | None = None,
+        manager: ModelManager | None = None,
+    ) -> None:
+        self.manager = manager or ModelManager(models, options, memory_budget_gb=memory_budget_gb)
+        self.limits = limits
+        self.max_message_chars = max_message_chars
+        self.time_limit_s = time_limit_s
+
+    # ---------------------------------------------------------------- models
+
+    def models(self) -> list[ModelState]:
+        """The offered models and their state."""
+        return self.manager.states()
+
+    def load(self, model: str) -> str:
+        """Load ``model`` now (for the model picker); returns a line saying how it is held."""
+        loaded = self.manager.get(model)
+        notes = " ".join(loaded.plan.notes)
+        return f"{model} is ready ({loaded.plan.precision_label} on {loaded.plan.device}). {notes}".strip()
+
+    # ---------------------------------------------------------------- requests
+
+    def request(
+        self,
+        task: Task,
+        *,
+        question: str = "",
+        history: Sequence[Turn | Sequence[str]] = (),
+        preset: Preset | str = Preset.STANDARD,
+        overrides: Mapping[str, Any] | None = None,
+        short: bool = False,
+        detailed: bool = False,
+    ) -> dict[str, Any]:
+        """Validate everything that can be checked without a model; return the arguments for the engine."""
+        if task is not Task.CAPTION:
+            question = clean_text(question, what="question" if task is Task.ANSWER else "message",
+                                  max_chars=self.max_message_chars)
+        turns = tuple(_turn(item, self.max_message_chars) for item in history)
+        resolve_settings(task, preset, overrides, limits=self.limits)  # fail fast, before loading a model
+        return {"task": task, "question": question, "history": turns, "preset": preset,
+                "overrides": dict(overrides or {}), "short": short, "detailed": detailed}
+
+    def _prepare(self, loaded: Any, request: Mapping[str, Any]):
+        settings = resolve_settings(request["task"], request["preset"], request["overrides"],
+                                    checkpoint=loaded.checkpoint_generation, limits=self.limits)
+        prepared = loaded.prepare(request["task"], question=request["question"], history=request["history"],
+                                  short=request["short"], detailed=request["detailed"],
+                                  max_new_tokens=settings.max_new_tokens)
+        return prepared, settings
+
+    def run(self, model: str, image: Image.Image, request: Mapping[str, Any], *,
+            cancel: threading.Event | None = None):
+        """Run a validated request to the end and return the engine's Reply."""
+        image = _checked(image)
+        with self.manager.use(model) as loaded:
+            prepared, settings = self._prepare(loaded, request)
+            return loaded.generate(image, prepared, settings, cancel=cancel, time_limit=self.time_limit_s)
+
+    def stream(self, model: str, image: Image.Image, request: Mapping[str, Any], *,
+               cancel: threading.Event | None = None) -> Iterator[Any]:
+        """Yield Replies with the text so far, then the final one. Beam search yields only the final one."""
+        image = _checked(image)
+        with self.manager.use(model) as loaded:
+            prepared, settings = self._prepare(loaded, request)
+            yield from loaded.stream(image, prepared, settings, cancel=cancel, time_limit=self.time_limit_s)
+
+    def inspect(self, model: str, request: Mapping[str, Any]):
+        """The exact prompt a request would send and its token counts (loads the model if needed)."""
+        with self.manager.use(model) as loaded:
+            prepared, _ = self._prepare(loaded, request)
+            return prepared
+
+    # ---------------------------------------------------------------- conveniences
+
+    def caption(self, model: str, image: Image.Image, *, preset: Preset | str = Preset.STANDARD,
+                overrides: Mapping[str, Any] | None = None, detailed: bool = False):
+        """Caption an image."""
+        return self.run(model, image, self.request(Task.CAPTION, preset=preset, overrides=overrides,
+                                                    detailed=detailed))
+
+    def answer(self, model: str, image: Image.Image, question: str, *, preset: Preset | str = Preset.STANDARD,
+               overrides: Mapping[str, Any] | None = None, short: bool = False):
+        """Answer a question about an image."""
+        return self.run(model, image, self.request(Task.ANSWER, question=question, preset=preset,
+                                                    overrides=overrides, short=short))
+
+    def chat(self, model: str, image: Image.Image, history: Sequence[Turn | Sequence[str]], message: str, *,
+             preset: Preset | str = Preset.STANDARD, overrides: Mapping[str, Any] | None = None):
+        """Answer the newest message of a conversation about an image."""
+        return self.run(model, image, self.request(Task.CHAT, question=message, history=history, preset=preset,
+                                                    overrides=overrides))
+
+
+def _turn(item: Turn | Sequence[str], max_chars: int) -> Turn:
+    if isinstance(item, Turn):
+        question, answer = item.question, item.answer
+    else:
+        if isinstance(item, (str, bytes)) or len(item) != 2:
+            from .errors import BadInputError
+
+            raise BadInputError("Each history entry must be a [question, answer] pair.")
+        question, answer = item
+    return Turn(clean_text(question, what="earlier question", max_chars=max_chars),
+                clean_text(answer or "", what="earlier answer", max_chars=max_chars * 4, allow_empty=True))
+
+
+def _checked(image: Any) -> Image.Image:
+    if image is None:
+        raise BadImageError("No image was given. Please upload an image first.")
+    if not isinstance(image, Image.Image):
+        from .images import load_image
+
+        return load_image(image)
+    return image

@@ -1,0 +1,94 @@
+"""`python -m blip_app` as a user runs it: real processes, tiny checkpoints, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "blip_app", *args], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    Image.new("RGB", (40, 30), "red").save(folder / "red.png")
+    Image.new("RGB", (40, 30), "blue").save(folder / "blue.jpg")
+    (folder / "corrupt.jpg").write_bytes(os.urandom(2048))
+    return folder
+
+
+def test_caption_prints_one_caption_per_image(tiny_checkpoints, photos):
+    model = str(tiny_checkpoints["blip2-opt"])
+    result = run("caption", str(photos / "red.png"), "--model", model, "--preset", "fast")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1 and result.stdout.strip()
+
+
+def test_caption_json_lines(tiny_checkpoints, photos):
+    model = str(tiny_checkpoints["instructblip-vicuna"])
+    result = run("caption", str(photos / "red.png"), str(photos / "blue.jpg"), "--model", model, "--json",
+                 "--max-new-tokens", "5", "--num-beams", "1")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["image"] for r in rows] == [str(photos / "red.png"), str(photos / "blue.jpg")]
+    assert all(set(r) == {"image", "model", "caption"} and r["model"] == model for r in rows)
+    assert all(isinstance(r["caption"], str) for r in rows)
+
+
+def test_ask(tiny_checkpoints, photos):
+    result = run("ask", str(photos / "red.png"), "what colour is it?", "--model",
+                 str(tiny_checkpoints["blip2-flan-t5"]), "--short")
+    assert result.returncode == 0, result.stderr and result.stdout.strip()
+
+
+def test_models_lists_the_catalog():
+    result = run("models")
+    assert result.returncode == 0
+    assert "blip2-opt-2.7b" in result.stdout and "instructblip-vicuna-13b" in result.stdout
+    rows = [json.loads(line) for line in run("models", "--json").stdout.splitlines()]
+    assert len(rows) == 11 and {r["family"] for r in rows} == {"blip2", "instructblip"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["caption", "{photos}/red.png", "--model", "blip2-opt-99b"], "Unknown model: blip2-opt-99b"),
+        (["caption", "{photos}/corrupt.jpg", "--model", "{tiny}"], "not a readable image"),
+        (["caption", "{photos}/missing.png", "--model", "{tiny}"], "missing.png"),
+        (["ask", "{photos}/red.png", "   ", "--model", "{tiny}"], "question is empty"),
+        (["caption", "{photos}/red.png", "--model", "{tiny}", "--num-beams", "99"], "num_beams is 99"),
+        (["caption", "{photos}/red.png", "--model", "Salesforce/blip2-opt-2.7b", "--offline"],
+         "not in the local cache and could not be downloaded"),
+    ],
+)
+def test_failures_print_one_line_and_exit_non_zero(tiny_checkpoints, photos, args, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    args = [a.format(photos=photos, tiny=tiny_checkpoints["blip2-opt"]) for a in args]
+    result = run(*args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_make_tiny_writes_loadable_checkpoints(tmp_path):
+    result = run("make-tiny", str(tmp_path / "tiny"))
+    assert result.returncode == 0, result.stderr
+    for family in ("blip2-opt", "blip2-flan-t5", "instructblip-flan-t5", "instructblip-vicuna"):
+        assert (tmp_path / "tiny" / family / "config.json").is_file()
+    Image.new("RGB", (20, 20), "green").save(tmp_path / "g.png")
+    caption = run("caption", str(tmp_path / "g.png"), "--model", str(tmp_path / "tiny" / "blip2-flan-t5"))
+    assert caption.returncode == 0, caption.stderr
