@@ -40,10 +40,9 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from . import prompts
-from .catalog import CheckpointKind, Family, ModelRef, PromptStyle, kind_from_config
+from .catalog import CheckpointKind, Family, LanguageModel, ModelRef, PromptStyle, kind_from_config
 from .devices import Hardware, LoadOptions, LoadPlan, detect_hardware, plan_load
 from .errors import (
-    BadInputError,
     BusyError,
     CancelledError,
     GenerationError,

@@ -9,7 +9,7 @@ from blip_app.catalog import PromptStyle
 from blip_app.errors import BadInputError, PromptTooLongError
 from blip_app.prompts import Turn
 
-B, COCO, I = PromptStyle.BLIP2, PromptStyle.BLIP2_COCO, PromptStyle.INSTRUCTBLIP
+B, COCO, INSTR = PromptStyle.BLIP2, PromptStyle.BLIP2_COCO, PromptStyle.INSTRUCTBLIP
 
 
 @pytest.mark.parametrize(
@@ -18,8 +18,8 @@ B, COCO, I = PromptStyle.BLIP2, PromptStyle.BLIP2_COCO, PromptStyle.INSTRUCTBLIP
         (B, False, "", None),
         (B, True, "", None),
         (COCO, False, "a photo of", None),
-        (I, False, "A short image caption:", "A short image caption:"),
-        (I, True, "Write a detailed description of the image.", "Write a detailed description of the image."),
+        (INSTR, False, "A short image caption:", "A short image caption:"),
+        (INSTR, True, "Write a detailed description of the image.", "Write a detailed description of the image."),
     ],
 )
 def test_caption_prompts(style, detailed, text, instruction):
@@ -33,8 +33,8 @@ def test_caption_prompts(style, detailed, text, instruction):
         (B, False, "Question: what is this? Answer:", None),
         (B, True, "Question: what is this? Short answer:", None),
         (COCO, False, "Question: what is this? Answer:", None),
-        (I, False, "what is this?", "what is this?"),
-        (I, True, "Question: what is this? Short answer:", "what is this?"),
+        (INSTR, False, "what is this?", "what is this?"),
+        (INSTR, True, "Question: what is this? Short answer:", "what is this?"),
     ],
 )
 def test_answer_prompts(style, short, text, instruction):
@@ -52,8 +52,8 @@ HISTORY = (Turn("what is it?", "a cat"), Turn("what colour?", "black and white."
         (B, HISTORY,
          "Question: what is it? Answer: a cat. Question: what colour? Answer: black and white. "
          "Question: where is it? Answer:", None),
-        (I, (), "where is it?", "where is it?"),
-        (I, HISTORY,
+        (INSTR, (), "where is it?", "where is it?"),
+        (INSTR, HISTORY,
          "Question: what is it? Answer: a cat. Question: what colour? Answer: black and white. "
          "Question: where is it? Answer:", "where is it?"),
     ],
@@ -88,7 +88,7 @@ def test_fit_chat_refuses_a_message_too_long_on_its_own():
 
 
 def test_fit_chat_keeps_everything_that_fits():
-    plan = prompts.fit_chat(I, list(HISTORY), "and?", count_tokens=words, budget=1000)
+    plan = prompts.fit_chat(INSTR, list(HISTORY), "and?", count_tokens=words, budget=1000)
     assert plan.dropped_turns == 0 and plan.kept_turns == 2
 
 
