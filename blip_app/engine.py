@@ -33,6 +33,7 @@ from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
+    DynamicCache,
     GenerationConfig,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -185,6 +186,9 @@ class Reply:
     finished: bool = True
     stopped_early: str | None = None  # "cancelled" or "time limit" when the answer was cut short
     settings: GenerationSettings = field(default_factory=GenerationSettings)
+    reused_tokens: int = 0  # prompt tokens whose keys and values came from the conversation's cache
+    batch_size: int = 1  # requests served together with this one
+    token_ids: tuple[int, ...] = ()  # the new tokens as generated, before cleaning
 
 
 class _DeviceLocks:
@@ -204,23 +208,28 @@ DEVICE_LOCKS = _DeviceLocks()
 
 
 class _Stopper(StoppingCriteria):
-    """Stops generation on cancel, at the time limit, or once a run-on marker was written."""
+    """Stops each row on its own cancel, all rows at the time limit, or once a run-on marker was written."""
 
-    def __init__(self, cancel: threading.Event, deadline: float | None, collector: _Collector | None) -> None:
-        self.cancel = cancel
+    def __init__(self, cancels: Sequence[threading.Event], deadline: float | None,
+                 collector: _Collector | None) -> None:
+        self.cancels = list(cancels)
         self.deadline = deadline
         self.collector = collector
-        self.reason: str | None = None
+        self.reasons: list[str | None] = [None] * len(self.cancels)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        stop = False
-        if self.cancel.is_set():
-            self.reason, stop = "cancelled", True
-        elif self.deadline is not None and time.monotonic() > self.deadline:
-            self.reason, stop = "time limit", True
-        elif self.collector is not None and self.collector.ran_on:
-            stop = True
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        rows = input_ids.shape[0]
+        per_request = rows // len(self.cancels)  # beam search has num_beams rows per request
+        late = self.deadline is not None and time.monotonic() > self.deadline
+        ran_on = self.collector is not None and self.collector.ran_on
+        stop = []
+        for index, cancel in enumerate(self.cancels):
+            if cancel.is_set():
+                self.reasons[index] = self.reasons[index] or "cancelled"
+            elif late:
+                self.reasons[index] = self.reasons[index] or "time limit"
+            stop.extend([bool(self.reasons[index]) or ran_on] * per_request)
+        return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
 
 
 class _Collector(BaseStreamer):
@@ -301,6 +310,144 @@ class FeatureCache:
         return len(self._items)
 
 
+@dataclass(eq=False)
+class _Job:
+    """One request on its way through the device: inputs, then results."""
+
+    image: Image.Image
+    prepared: Prepared
+    image_id: str
+    cancel: threading.Event
+    deadline: float | None
+    submitted: float = field(default_factory=time.monotonic)
+    new_ids: list[int] = field(default_factory=list)
+    reason: str | None = None
+    error: BaseException | None = None
+    reused_tokens: int = 0
+    batch_size: int = 1
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class _Batcher:
+    """Serves requests that arrive while the device is busy in one batch, without a thread of its own.
+
+    Each caller queues its job and waits for the device lock; whoever gets the lock takes every
+    queued job with the same settings (up to ``max_batch``), runs them together, and wakes their
+    callers. A caller whose job was served by someone else returns without touching the device.
+    """
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self._pending: list[tuple[_Job, GenerationSettings]] = []
+        self._guard = threading.Lock()
+
+    def submit(self, job: _Job, settings: GenerationSettings, lock_timeout: float | None) -> None:
+        with self._guard:
+            self._pending.append((job, settings))
+        lock = DEVICE_LOCKS.get(self.model.plan.device)
+        deadline = None if lock_timeout is None else time.monotonic() + lock_timeout
+        while not job.done.is_set():
+            wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+            if lock.acquire(timeout=wait):
+                try:
+                    batch = self._take(job, settings)
+                    if batch:
+                        self.model._run(batch, settings)
+                        for served in batch:
+                            served.done.set()
+                finally:
+                    lock.release()
+            elif deadline is not None and time.monotonic() >= deadline and not job.done.is_set():
+                with self._guard:
+                    if (job, settings) in self._pending:
+                        self._pending.remove((job, settings))
+                        raise BusyError("The model is busy with other requests; please try again in a moment.")
+
+    def _take(self, job: _Job, settings: GenerationSettings) -> list[_Job]:
+        """Queued jobs to run now with ``settings``: this caller's own job, if still queued, and its peers."""
+        with self._guard:
+            if not any(queued is job for queued, _ in self._pending):
+                return []
+            batch = [queued for queued, s in self._pending if s == settings][: self.model.max_batch]
+            self._pending = [(q, s) for q, s in self._pending if q not in batch]
+        return batch
+
+
+class PrefixCache:
+    """Key/value caches of recent conversations on a decoder-only model, least recently used evicted.
+
+    An entry holds the token ids whose keys and values it stores, under the image features they were
+    computed with. A new turn takes the entry sharing the longest prefix with its prompt, cut back to
+    that prefix, so only the new tokens are computed; the extended cache is then put back. An entry
+    is out of the store while a generation uses it, so a failure never leaves a half-written one.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[int, tuple[tuple, tuple[int, ...], Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._next = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all entries."""
+        return sum(entry[3] for entry in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def take(self, key: tuple, ids: Sequence[int]) -> tuple[Any, int]:
+        """The cache sharing the longest prefix with ``ids`` (cut to it, leaving one token to compute)."""
+        with self._lock:
+            best, best_len = None, 0
+            for entry_id, (entry_key, entry_ids, _, _) in self._entries.items():
+                if entry_key != key:
+                    continue
+                common = _common_prefix(entry_ids, ids)
+                if common > best_len:
+                    best, best_len = entry_id, common
+            if best is None:
+                return None, 0
+            _, entry_ids, cache, _ = self._entries.pop(best)
+        keep = min(best_len, len(ids) - 1)
+        cache.crop(keep - len(entry_ids)) if keep < len(entry_ids) else None
+        return cache, keep
+
+    def put(self, key: tuple, ids: tuple[int, ...], cache: Any) -> None:
+        """Store a conversation's cache; evict the least recently used entries beyond the byte budget."""
+        size = _cache_bytes(cache)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            self._next += 1
+            self._entries[self._next] = (key, ids, cache, size)
+            while self.nbytes > self.max_bytes:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._entries.clear()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    length = min(len(a), len(b))
+    for index in range(length):
+        if a[index] != b[index]:
+            return index
+    return length
+
+
+def _cache_bytes(cache: Any) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", ()):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def image_key(image: Image.Image) -> str:
     """A content hash of a decoded image: the same picture gives the same key whatever file it came from."""
     digest = hashlib.sha256()
@@ -322,6 +469,8 @@ class LoadedModel:
         *,
         checkpoint_generation: Mapping[str, Any] | None = None,
         feature_cache_size: int = 64,
+        prefix_cache_bytes: int | None = 1024 * 2**20,
+        max_batch: int = 8,
     ) -> None:
         self.name = name
         self.model = model
@@ -335,6 +484,9 @@ class LoadedModel:
         self.device = torch.device(plan.device if plan.quantization == "none" else _first_device(model))
         self.vision_dtype = next(model.vision_model.parameters()).dtype
         self._special = self._special_token_ids()
+        self.prefix_cache = PrefixCache(prefix_cache_bytes or 2**62) if spec.decoder_only else None
+        self.max_batch = max_batch
+        self._batcher = _Batcher(self)
 
     # ---------------------------------------------------------------- load
 
@@ -346,6 +498,7 @@ class LoadedModel:
         *,
         hardware: Hardware | None = None,
         source: str | None = None,
+        **engine_options: Any,
     ) -> LoadedModel:
         """Load ``ref`` (from ``source`` if given: a local snapshot of it) and upgrade an old layout."""
         where = source or ref.source
@@ -375,7 +528,7 @@ class LoadedModel:
         spec = _spec_from(model, kind, ref, upgraded)
         generation = _saved_generation_settings(where, common)
         log.info("Loaded %s (%s, %s on %s)", ref.label, kind.family.value, plan.precision_label, plan.device)
-        return cls(ref.name, model, processor, spec, plan, checkpoint_generation=generation)
+        return cls(ref.name, model, processor, spec, plan, checkpoint_generation=generation, **engine_options)
 
     # ---------------------------------------------------------------- phase 1: prepare
 
@@ -508,34 +661,35 @@ class LoadedModel:
         lock_timeout: float | None = None,
         image_id: str | None = None,
     ) -> Reply:
-        """Phases 2 and 3 for one request, in the calling thread, holding the device lock throughout.
+        """Phases 2 and 3 for one request; the device lock is held by the thread that runs the model.
 
+        Captions and answers that arrive while the device is busy are served together in one batch
+        (see :class:`_Batcher`); a chat turn reuses the key/value cache of its conversation so far.
         ``on_text`` receives the cleaned text so far after each token (greedy and sampling only).
         ``cancel`` stops the work itself at the next token. Raises CancelledError if cancelled,
-        GenerationError on out-of-memory or a failure inside the model.
+        BusyError if the device stays busy past ``lock_timeout``, GenerationError on out-of-memory.
         """
-        cancel = cancel or threading.Event()
-        lock = DEVICE_LOCKS.get(self.plan.device)
-        if not lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout):
-            raise BusyError("The model is busy with other requests; please try again in a moment.")
-        started = time.monotonic()
-        try:
-            if cancel.is_set():
-                raise CancelledError("The request was cancelled before it started.")
-            features = self.image_features(image, prepared.qformer_text, key=image_id)
-            new_ids, reason = self._generate_ids(prepared, features, settings, on_text, cancel,
-                                                 None if time_limit is None else started + time_limit)
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            _free_accelerator_memory()
-            raise GenerationError(
-                "The model ran out of memory on this request. Try fewer new tokens, fewer beams, "
-                "a shorter conversation or a smaller model."
-            ) from exc
-        finally:
-            lock.release()
-        if reason == "cancelled":
+        job = _Job(image, prepared, image_id or image_key(image), cancel or threading.Event(),
+                   time.monotonic() + time_limit if time_limit is not None else None)
+        if on_text is None and prepared.task is not Task.CHAT and self.max_batch > 1:
+            self._batcher.submit(job, settings, lock_timeout)
+        else:
+            lock = DEVICE_LOCKS.get(self.plan.device)
+            if not lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout):
+                raise BusyError("The model is busy with other requests; please try again in a moment.")
+            try:
+                self._run([job], settings, on_text)
+            finally:
+                lock.release()
+        return self._reply(job, settings)
+
+    def _reply(self, job: _Job, settings: GenerationSettings) -> Reply:
+        if job.error is not None:
+            raise job.error
+        if job.reason == "cancelled":
             raise CancelledError("The request was cancelled.")
-        text, _ = clean_output(self.decode(new_ids))
+        text, _ = clean_output(self.decode(job.new_ids))
+        prepared = job.prepared
         return Reply(
             text=text,
             model=self.name,
@@ -544,49 +698,93 @@ class LoadedModel:
             image_tokens=prepared.image_tokens,
             context_tokens=prepared.context_tokens,
             dropped_turns=prepared.prompt.dropped_turns,
-            new_tokens=len(new_ids),
-            seconds=time.monotonic() - started,
-            stopped_early=reason,
+            new_tokens=len(job.new_ids),
+            seconds=time.monotonic() - job.submitted,
+            stopped_early=job.reason,
             settings=settings,
+            reused_tokens=job.reused_tokens,
+            batch_size=job.batch_size,
+            token_ids=tuple(job.new_ids),
         )
 
+    def _run(self, jobs: list[_Job], settings: GenerationSettings, on_text: Callable[[str], None] | None = None
+             ) -> None:
+        """Run jobs that share settings as one batch (device lock held); results and errors go on the jobs."""
+        live = [job for job in jobs if not job.cancel.is_set()]
+        for job in jobs:
+            if job.cancel.is_set():
+                job.error = CancelledError("The request was cancelled before it started.")
+        if not live:
+            return
+        try:
+            self._generate_ids(live, settings, on_text)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            _free_accelerator_memory()
+            error = GenerationError(
+                "The model ran out of memory on this request. Try fewer new tokens, fewer beams, "
+                "a shorter conversation or a smaller model."
+            )
+            error.__cause__ = exc
+            for job in live:
+                job.error = error
+        except BaseException as exc:  # noqa: BLE001 - each waiting caller gets the failure
+            for job in live:
+                job.error = exc
+
     @torch.inference_mode()
-    def _generate_ids(
-        self,
-        prepared: Prepared,
-        features: torch.Tensor,
-        settings: GenerationSettings,
-        on_text: Callable[[str], None] | None,
-        cancel: threading.Event,
-        deadline: float | None,
-    ) -> tuple[list[int], str | None]:
-        """Run the language model on image features and prompt ids; return the new ids and why it stopped."""
-        input_ids = torch.tensor([prepared.input_ids], dtype=torch.long, device=self.device)
-        attention_mask = torch.ones_like(input_ids)
+    def _generate_ids(self, jobs: list[_Job], settings: GenerationSettings,
+                      on_text: Callable[[str], None] | None) -> None:
+        """Run the language model on image features and prompt ids; put new ids and stop reasons on the jobs."""
+        features = torch.cat([self.image_features(job.image, job.prepared.qformer_text, key=job.image_id)
+                              for job in jobs])
+        width = max(len(job.prepared.input_ids) for job in jobs)
+        pad = self._pad_id()
+        rows = [(pad,) * (width - len(job.prepared.input_ids)) + job.prepared.input_ids for job in jobs]
+        input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        attention_mask = torch.tensor(
+            [[0] * (width - len(job.prepared.input_ids)) + [1] * len(job.prepared.input_ids) for job in jobs],
+            dtype=torch.long, device=self.device,
+        )
         inputs = {"inputs_embeds": self._inputs_embeds(input_ids, features), "attention_mask": attention_mask}
         if self.spec.decoder_only:
             inputs["input_ids"] = input_ids
-        collector = _Collector(self.decode, on_text) if settings.streams else None
-        stopper = _Stopper(cancel, deadline, collector)
+        streams = settings.streams and len(jobs) == 1 and on_text is not None
+        collector = _Collector(self.decode, on_text) if streams else None
+        stopper = _Stopper([job.cancel for job in jobs], min((j.deadline for j in jobs if j.deadline), default=None),
+                           collector)
         kwargs = settings.generate_kwargs()
         kwargs.update(
             stopping_criteria=StoppingCriteriaList([stopper]),
             suppress_tokens=self._special,
-            pad_token_id=self._pad_id(),
+            pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_token_id,
+            return_dict_in_generate=True,
         )
         if not self.spec.decoder_only:
             kwargs["decoder_start_token_id"] = self._decoder_start_id()
         if collector is not None:
             kwargs["streamer"] = collector
+        feature_key = (jobs[0].image_id, jobs[0].prepared.qformer_text)
+        reuse = (self.prefix_cache is not None and len(jobs) == 1 and settings.num_beams == 1
+                 and jobs[0].prepared.task is Task.CHAT)
+        if reuse:
+            cache, jobs[0].reused_tokens = self.prefix_cache.take(feature_key, jobs[0].prepared.input_ids)
+            kwargs["past_key_values"] = cache or DynamicCache(config=self.model.language_model.config)
         with _seeded(settings, self.device):
             output = self.model.language_model.generate(**inputs, **kwargs)
-        sequence = output[0].tolist()
-        if self.spec.decoder_only:
-            sequence = sequence[input_ids.shape[1]:]
-        elif sequence and sequence[0] == kwargs["decoder_start_token_id"]:
-            sequence = sequence[1:]
-        return sequence, stopper.reason
+        sequences = output.sequences.tolist()
+        if reuse and output.past_key_values is not None:
+            cached = output.past_key_values.get_seq_length()
+            self.prefix_cache.put(feature_key, tuple(sequences[0][:cached]), output.past_key_values)
+        start = self._decoder_start_id() if not self.spec.decoder_only else None
+        for index, (job, sequence) in enumerate(zip(jobs, sequences)):
+            if self.spec.decoder_only:
+                sequence = sequence[width:]
+            elif sequence and sequence[0] == start:
+                sequence = sequence[1:]
+            job.new_ids = sequence
+            job.reason = stopper.reasons[index]
+            job.batch_size = len(jobs)
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id

@@ -20,9 +20,15 @@ InstructBLIP chat: the first turn is exactly the VQA instruction (the bare quest
 chat and a question give the same answer. Later turns put the earlier turns before the new question in
 the BLIP-2 transcript form above: the language model needs the words said, and "Question: / Answer:"
 is one of the VQA templates InstructBLIP was instruction-tuned with, while the trailing "Answer:"
-keeps it from continuing the transcript. The Q-Former gets only the newest question: it picks the
-visual features relevant to what is asked now, and its own 512-token limit never depends on how long
-the conversation has grown (see :func:`qformer_instruction`).
+keeps it from continuing the transcript.
+
+The Q-Former's instruction is the question that opened the conversation, for every turn of it (even
+after that turn was trimmed from the language model's prompt). The image is then seen once per
+conversation, as a chat model sees it: its 32 visual tokens stay the same from turn to turn, so the
+key/value cache of the conversation so far can be reused and a turn computes only its new tokens.
+(Re-running the Q-Former on each new question would change the very first positions of the prompt
+and force the whole conversation to be recomputed on every turn.) The Q-Former's own 512-token limit
+is enforced by truncating the instruction, apart from the language model's budget.
 """
 
 from __future__ import annotations
@@ -124,7 +130,7 @@ def chat_prompt(style: PromptStyle, history: Sequence[Turn], message: str) -> Pr
     question = _single_line(message)
     parts = [format_turn(turn) for turn in history]
     parts.append(f"Question: {question} Answer:")
-    instruction = question if style is PromptStyle.INSTRUCTBLIP else None
+    instruction = _single_line(history[0].question) if style is PromptStyle.INSTRUCTBLIP else None
     return PromptPlan(text=" ".join(parts), instruction=instruction, kept_turns=len(history))
 
 
@@ -157,19 +163,5 @@ def fit_chat(
         else:
             low = drop + 1
     plan = chat_prompt(style, history[low:], message)
-    return PromptPlan(plan.text, plan.instruction, kept_turns=len(history) - low, dropped_turns=low)
-
-
-def qformer_instruction(instruction: str, *, count_tokens: Callable[[str], int], budget: int) -> str:
-    """Shorten an InstructBLIP Q-Former instruction, keeping its start, until it fits its own limit."""
-    if count_tokens(instruction) <= budget:
-        return instruction
-    words = instruction.split()
-    low, high = 0, len(words)
-    while low < high:  # the most words that fit
-        mid = (low + high + 1) // 2
-        if count_tokens(" ".join(words[:mid])) <= budget:
-            low = mid
-        else:
-            high = mid - 1
-    return " ".join(words[:low])
+    opener = chat_prompt(style, history[:1], message).instruction  # the conversation's first question
+    return PromptPlan(plan.text, opener, kept_turns=len(history) - low, dropped_turns=low)

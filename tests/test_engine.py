@@ -57,9 +57,7 @@ def reference_ids(loaded: LoadedModel, image: Image.Image, text: str, settings: 
 
 
 def our_ids(loaded: LoadedModel, image: Image.Image, prepared, settings) -> list[int]:
-    features = loaded.image_features(image, prepared.qformer_text)
-    ids, _ = loaded._generate_ids(prepared, features, settings, None, threading.Event(), None)
-    return ids
+    return list(loaded.generate(image, prepared, settings).token_ids)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -111,10 +109,11 @@ def test_image_features_are_computed_once_per_image(models, family):
     assert len(calls) == 1
 
 
-def test_instructblip_qformer_gets_the_newest_question_only(models):
+def test_instructblip_qformer_reads_the_opening_question_all_conversation_long(models):
     loaded = models["instructblip-vicuna"]
+    assert loaded.prepare(Task.CHAT, question="first?").qformer_text == "first?"
     prepared = loaded.prepare(Task.CHAT, question="what now?", history=[Turn("first?", "yes")])
-    assert prepared.qformer_text == "what now?"
+    assert prepared.qformer_text == "first?"
     assert prepared.prompt.text == "Question: first? Answer: yes. Question: what now? Answer:"
 
 
@@ -272,3 +271,96 @@ def test_spec_is_read_from_the_config(models):
     assert models["blip2-opt"].spec.family is Family.BLIP2 and models["blip2-opt"].spec.decoder_only
     assert models["blip2-flan-t5"].spec.context_tokens == 512 and not models["blip2-flan-t5"].spec.decoder_only
     assert models["instructblip-vicuna"].spec.qformer_tokens == 64
+
+
+# ---------------------------------------------------------------- cached and batched paths
+
+
+def chat_turns(loaded: LoadedModel, image: Image.Image, questions: list[str], settings) -> list:
+    history: list[Turn] = []
+    replies = []
+    for question in questions:
+        reply = loaded.generate(image, loaded.prepare(Task.CHAT, question=question, history=history,
+                                                      max_new_tokens=settings.max_new_tokens), settings)
+        replies.append(reply)
+        history.append(Turn(question, reply.text))
+    return replies
+
+
+QUESTIONS = ["what is in the picture?", "what colour is it?", "is it big?", "where is it?", "why?"]
+
+
+@pytest.mark.parametrize("family", ["blip2-opt", "instructblip-vicuna"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_prefix_reuse_gives_the_same_tokens_as_computing_from_scratch(tiny_checkpoints, family, precision):
+    ref = resolve(str(tiny_checkpoints[family]))
+    cached = LoadedModel.load(ref, LoadOptions(precision=precision))
+    scratch = LoadedModel.load(ref, LoadOptions(precision=precision))
+    scratch.prefix_cache = None
+    settings = GenerationSettings(max_new_tokens=10, num_beams=1)
+    image = noise(20)
+    with_cache = chat_turns(cached, image, QUESTIONS, settings)
+    without = chat_turns(scratch, image, QUESTIONS, settings)
+    assert [r.token_ids for r in with_cache] == [r.token_ids for r in without]
+    assert with_cache[0].reused_tokens == 0
+    # InstructBLIP's first turn is the bare question (as in VQA), so its second turn shares only the
+    # image tokens with it; from then on, and for BLIP-2 from the second turn, the whole previous
+    # prompt (image tokens included) comes from the cache.
+    first_full = 1 if family == "blip2-opt" else 2
+    assert with_cache[1].reused_tokens >= with_cache[0].image_tokens
+    for earlier, later in zip(with_cache[first_full - 1:], with_cache[first_full:]):
+        assert later.reused_tokens >= earlier.image_tokens + earlier.prompt_tokens
+    assert all(r.reused_tokens == 0 for r in without)
+
+
+def test_prefix_cache_memory_is_bounded(tiny_checkpoints):
+    loaded = LoadedModel.load(resolve(str(tiny_checkpoints["blip2-opt"])), prefix_cache_bytes=None)
+    settings = GenerationSettings(max_new_tokens=10, num_beams=1)
+    for seed in range(6):
+        chat_turns(loaded, noise(100 + seed), QUESTIONS[:2], settings)
+    one_entry = max(1, loaded.prefix_cache.nbytes // max(1, len(loaded.prefix_cache)))
+    loaded.prefix_cache.max_bytes = 2 * one_entry
+    chat_turns(loaded, noise(200), QUESTIONS[:2], settings)
+    assert loaded.prefix_cache.nbytes <= 2 * one_entry and 1 <= len(loaded.prefix_cache) <= 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_concurrent_requests_are_batched_with_the_same_results(models, family):
+    loaded = models[family]
+    settings = GenerationSettings(max_new_tokens=6, num_beams=1)
+    work = [(noise(30 + i), loaded.prepare(Task.ANSWER, question=q)) for i, q in
+            enumerate(["what?", "what is in the picture?", "is it red or blue or green?", "why?"])]
+    alone = [loaded.generate(image, prepared, settings) for image, prepared in work]
+    results: dict[int, object] = {}
+    lock = DEVICE_LOCKS.get("cpu")
+    lock.acquire()  # hold the device so that all four queue up, as under load
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, loaded.generate(*work[i], settings)))
+               for i in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    lock.release()
+    for thread in threads:
+        thread.join(30)
+    batched = [results[i] for i in range(4)]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert max(r.batch_size for r in batched) == 4
+
+
+def test_batched_requests_with_different_settings_are_served_separately(models):
+    loaded = models["blip2-opt"]
+    a, b = GenerationSettings(max_new_tokens=4, num_beams=1), GenerationSettings(max_new_tokens=5, num_beams=2)
+    results = {}
+    lock = DEVICE_LOCKS.get("cpu")
+    lock.acquire()
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, loaded.generate(RED, loaded.prepare(
+        Task.CAPTION), s))) for s in (a, b)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)
+    lock.release()
+    for thread in threads:
+        thread.join(30)
+    assert results[a].batch_size == 1 and results[b].batch_size == 1
+    assert results[a].new_tokens <= 4 and results[b].new_tokens <= 5

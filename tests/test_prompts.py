@@ -55,7 +55,7 @@ HISTORY = (Turn("what is it?", "a cat"), Turn("what colour?", "black and white."
         (INSTR, (), "where is it?", "where is it?"),
         (INSTR, HISTORY,
          "Question: what is it? Answer: a cat. Question: what colour? Answer: black and white. "
-         "Question: where is it? Answer:", "where is it?"),
+         "Question: where is it? Answer:", "what is it?"),
     ],
 )
 def test_chat_prompts(style, history, text, instruction):
@@ -85,6 +85,13 @@ def test_fit_chat_drops_oldest_turns_first_and_reports_them():
 def test_fit_chat_refuses_a_message_too_long_on_its_own():
     with pytest.raises(PromptTooLongError, match="at most 3 tokens"):
         prompts.fit_chat(B, [], "a b c d e", count_tokens=words, budget=3)
+
+
+def test_instructblip_keeps_the_opening_question_for_the_qformer_even_when_trimmed():
+    history = [Turn(f"question {i}", f"answer {i}") for i in range(10)]
+    plan = prompts.fit_chat(INSTR, history, "newest?", count_tokens=words, budget=12)
+    assert plan.dropped_turns > 0 and "question 0" not in plan.text
+    assert plan.instruction == "question 0"
 
 
 def test_fit_chat_keeps_everything_that_fits():
