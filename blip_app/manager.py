@@ -180,11 +180,15 @@ class ModelManager:
         from .engine import LoadedModel  # torch is imported only when a model is really loaded
 
         loader = self._loader or LoadedModel.load
-        need = self._estimate_bytes(ref)
-        evicted = self._make_room(need, exclude=ref.name)
         started = time.monotonic()
+        source = None if ref.is_local else download(ref, self.options)  # most failures happen here, before eviction
+        need = self._estimate_bytes(ref, source or ref.source)
+        evicted = self._make_room(need, exclude=ref.name)
         try:
-            model = loader(ref, self.options, hardware=self._hardware)
+            kwargs = {"hardware": self._hardware}
+            if source is not None:
+                kwargs["source"] = source
+            model = loader(ref, self.options, **kwargs)
         except BaseException:
             for name, old in evicted:  # the models that were serving keep serving
                 self._restore(name, old)
@@ -195,15 +199,16 @@ class ModelManager:
         log.info("Loaded %s in %.1f s", ref.label, time.monotonic() - started)
         return model
 
-    def _estimate_bytes(self, ref: ModelRef) -> int:
+    def _estimate_bytes(self, ref: ModelRef, folder: str) -> int:
+        """Memory the model will take once loaded: from the catalog, else from its weight files."""
         if ref.entry is not None:
             precision = self.options.quantization if self.options.quantization != "none" else "bfloat16"
             return int(ref.entry.params_billion * 1e9 * BYTES_PER_PARAM.get(precision, 2.0))
-        if ref.is_local:
-            size = sum(p.stat().st_size for p in Path(ref.source).glob("*.safetensors"))
-            size += sum(p.stat().st_size for p in Path(ref.source).glob("*.bin"))
-            return size // 2 if self.options.precision != "float32" else size
-        return 0
+        path = Path(folder)
+        if not path.is_dir():
+            return 0
+        size = sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern))
+        return size // 2 if self.options.precision != "float32" else size  # checkpoints are mostly float32
 
     def _budget(self) -> int:
         """Bytes the models may take: the configured budget, else most of the device's memory."""
@@ -310,6 +315,46 @@ def _free(model: Any) -> None:
         after = torch.cuda.memory_allocated()
         if after >= before:
             log.warning("Freeing %s returned no GPU memory (%.1f GB still allocated)", model.name, after / GB)
+
+
+# What a checkpoint needs: configs, tokenizers, processor files and the safetensors weights.
+_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+_SUPPORT_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "tokenizer*", "qformer_tokenizer/*"]
+
+
+def download(ref: ModelRef, options: Any) -> str:
+    """Fetch a hub checkpoint into the Hugging Face cache (or find it there); return the local folder.
+
+    Progress shows through tqdm, which Gradio's progress bar follows. On failure, partial downloads
+    of this repository are removed and the error names cause and fix (see engine.explain_load_error).
+    """
+    from huggingface_hub import snapshot_download
+
+    from .engine import explain_load_error
+
+    common = {"revision": options.revision, "cache_dir": options.cache_dir,
+              "local_files_only": options.local_files_only}
+    try:
+        folder = snapshot_download(ref.source, allow_patterns=_SUPPORT_PATTERNS + _WEIGHT_PATTERNS, **common)
+        if not any(Path(folder).glob("*.safetensors")):  # an older repository with .bin weights only
+            folder = snapshot_download(ref.source, allow_patterns=_SUPPORT_PATTERNS + ["*.bin", "*.bin.index.json"],
+                                       **common)
+    except Exception as exc:  # noqa: BLE001 - every cause is explained
+        _remove_partial_downloads(ref.source, options.cache_dir)
+        raise explain_load_error(exc, ref) from exc
+    return folder
+
+
+def _remove_partial_downloads(repo_id: str, cache_dir: str | None) -> None:
+    from huggingface_hub import constants
+
+    root = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "blobs"
+    for partial in root.glob("*.incomplete"):
+        try:
+            partial.unlink()
+            log.info("Removed partial download %s", partial)
+        except OSError:
+            log.warning("Could not remove partial download %s", partial, exc_info=True)
 
 
 def is_cached(repo_id: str, cache_dir: str | None = None) -> bool:

@@ -102,3 +102,39 @@ def test_unload_frees_the_model(paths):
     model = manager.get(paths[0])
     manager.unload(paths[0])
     assert manager.loaded_names() == [] and model.model is None and len(model.features) == 0
+
+
+def test_a_full_disk_during_download_is_named_and_partial_files_removed(paths, tmp_path, monkeypatch):
+    import errno
+
+    import huggingface_hub
+
+    blobs = tmp_path / "models--someone--blip2-test" / "blobs"
+
+    def full_disk(repo_id, **kwargs):
+        blobs.mkdir(parents=True, exist_ok=True)
+        (blobs / "0123abcd.incomplete").write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", full_disk)
+    service = Service([paths[0], "someone/blip2-test"], LoadOptions(cache_dir=str(tmp_path)))
+    assert service.caption(paths[0], RED, preset="fast").text
+    with pytest.raises(ModelLoadError, match="The disk is full"):
+        service.caption("someone/blip2-test", RED, preset="fast")
+    assert not list(blobs.glob("*.incomplete"))
+    assert service.manager.loaded_names() == [paths[0]]
+    assert service.caption(paths[0], RED, preset="fast").text
+
+
+def test_no_network_during_download_is_named(paths, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(repo_id, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no network and not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    manager = ModelManager(["Salesforce/blip2-opt-2.7b"], LoadOptions(cache_dir=str(tmp_path)))
+    with pytest.raises(ModelLoadError, match="not in the local cache and could not be downloaded"):
+        manager.get("Salesforce/blip2-opt-2.7b")
+    assert [s.state for s in manager.states()] == ["download"]
+    assert "about 15 GB" in manager.states()[0].detail
