@@ -364,3 +364,23 @@ def test_batched_requests_with_different_settings_are_served_separately(models):
         thread.join(30)
     assert results[a].batch_size == 1 and results[b].batch_size == 1
     assert results[a].new_tokens <= 4 and results[b].new_tokens <= 5
+
+
+def test_a_hanging_generation_is_ended_by_the_time_limit_and_frees_the_device(models):
+    loaded = models["blip2-opt"]
+
+    def slow_step(*args):
+        time.sleep(0.1)  # a model that has become very slow
+
+    hook = loaded.model.language_model.register_forward_hook(slow_step)
+    try:
+        started = time.monotonic()
+        settings = GenerationSettings(max_new_tokens=200, min_new_tokens=200, num_beams=1)
+        reply = loaded.generate(RED, loaded.prepare(Task.CHAT, question="hello?"), settings, time_limit=0.5)
+        elapsed = time.monotonic() - started
+    finally:
+        hook.remove()
+    assert reply.stopped_early == "time limit" and reply.new_tokens < 20
+    assert elapsed < 1.5
+    assert not DEVICE_LOCKS.get("cpu").locked()
+    assert loaded.generate(RED, loaded.prepare(Task.CAPTION), GREEDY).text
