@@ -47,6 +47,10 @@ class BusyError(BlipAppError):
     """The server is at capacity; the request was not started."""
 
 
+class RateLimitedError(BusyError):
+    """This client sent more requests than its allowance."""
+
+
 class GenerationError(BlipAppError):
     """Generation failed at run time (out of memory, time limit, a failure in the model)."""
 

@@ -1,0 +1,37 @@
+"""A simple per-client rate limit: a token bucket per client key (an IP address or a user name)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+from .errors import RateLimitedError
+
+
+class RateLimiter:
+    """Allows ``per_minute`` requests a minute per client, in bursts of up to ``burst``."""
+
+    def __init__(self, per_minute: int, *, burst: int | None = None, max_clients: int = 10_000) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst if burst is not None else max(1, per_minute // 3))
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, last time)
+        self._lock = threading.Lock()
+
+    def check(self, client: str | None) -> None:
+        """Take one request from ``client``'s allowance, or raise RateLimitedError saying how long to wait."""
+        if self.rate <= 0:
+            return
+        key = client or "anonymous"
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.pop(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens < 1.0:
+                self._buckets[key] = (tokens, now)
+                wait = (1.0 - tokens) / self.rate
+                raise RateLimitedError(f"You are sending requests too quickly; please wait {wait:.0f} s and try again.")
+            self._buckets[key] = (tokens - 1.0, now)
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
