@@ -1,4 +1,4 @@
-"""Command line: ``python -m blip_app {caption,ask,models,make-tiny} ...``.
+"""Command line: ``python -m blip_app {caption,ask,embed,models,make-tiny} ...``.
 
 A failure prints one line naming the problem on stderr (no traceback; ``--verbose`` shows it) and
 exits non-zero: 2 for bad usage or input, 1 for a model that cannot be loaded or run.
@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from . import cli_extra
 from .catalog import catalog_entries
 from .devices import PRECISIONS, QUANTIZATIONS, LoadOptions
 from .errors import BadImageError, BadInputError, BlipAppError, SettingsError, UnknownModelError
@@ -44,11 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="log progress and show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    caption = commands.add_parser("caption", help="caption one or more images")
-    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    caption = commands.add_parser("caption", help="caption images, folders (recursive) and zip archives")
+    caption.add_argument("images", nargs="+", metavar="IMAGE_FOLDER_OR_ZIP")
     caption.add_argument("--json", action="store_true", help="one JSON object per line: image, model, caption")
     caption.add_argument("--detailed", action="store_true", help="a longer description")
     _add_model_options(caption)
+    cli_extra.add_caption_batch_options(caption)
 
     ask = commands.add_parser("ask", help="answer a question about an image")
     ask.add_argument("image", metavar="IMAGE")
@@ -56,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--short", action="store_true", help="ask for a short answer")
     ask.add_argument("--json", action="store_true", help="print a JSON object: image, model, question, answer")
     _add_model_options(ask)
+
+    cli_extra.add_embed_parser(commands)
 
     models = commands.add_parser("models", help="list the catalog")
     models.add_argument("--json", action="store_true")
@@ -76,25 +80,6 @@ def _session(args: argparse.Namespace):
     options = LoadOptions(device=args.device, precision=args.precision, quantization=args.quantization,
                           local_files_only=args.offline or os.environ.get("HF_HUB_OFFLINE") == "1")
     return Service([args.model], options)
-
-
-def cmd_caption(args: argparse.Namespace) -> int:
-    """Caption each image; one line (or JSON object) per image. Unreadable images fail the command."""
-    from .images import load_image
-
-    images = []
-    for path in args.images:  # read every image first: a bad one fails before any model loads
-        images.append((path, load_image(path)))
-    service = _session(args)
-    preset = Preset.DETAILED if args.detailed and args.preset == Preset.STANDARD.value else Preset(args.preset)
-    for path, image in images:
-        reply = service.caption(args.model, image, preset=preset, overrides=_overrides(args), detailed=args.detailed)
-        if args.json:
-            print(json.dumps({"image": path, "model": args.model, "caption": reply.text}, ensure_ascii=False))
-        else:
-            print(f"{path}: {reply.text}" if len(images) > 1 else reply.text)
-        sys.stdout.flush()
-    return 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -148,7 +133,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"caption": cmd_caption, "ask": cmd_ask, "models": cmd_models, "make-tiny": cmd_make_tiny}
+COMMANDS = {"caption": cli_extra.cmd_caption, "ask": cmd_ask, "embed": cli_extra.cmd_embed, "models": cmd_models,
+            "make-tiny": cmd_make_tiny}
 
 # Errors caused by what the user typed or gave exit 2; errors of the model or machine exit 1.
 _USAGE_ERRORS = (BadImageError, BadInputError, SettingsError, UnknownModelError)
@@ -157,7 +143,8 @@ _USAGE_ERRORS = (BadImageError, BadInputError, SettingsError, UnknownModelError)
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; return the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -174,8 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback, unless --verbose
         if args.verbose:
             log.exception("failed")
-        print(f"error: unexpected failure ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-              "run with --verbose for details", file=sys.stderr)
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+        print(f"error: unexpected failure ({type(exc).__name__}: {first_line}); run with --verbose for details",
+              file=sys.stderr)
         return 1
 
 

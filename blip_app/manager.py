@@ -64,7 +64,7 @@ class ModelManager:
         self.options = options
         self._refs: OrderedDict[str, ModelRef] = OrderedDict()
         for name in offered:
-            ref = resolve(name)
+            ref = resolve_any(name)
             self._refs.setdefault(ref.name, ref)
         self._loader = loader
         self._hardware = hardware
@@ -177,9 +177,9 @@ class ModelManager:
     # ---------------------------------------------------------------- loading and memory
 
     def _load(self, ref: ModelRef) -> Any:
-        from .engine import LoadedModel  # torch is imported only when a model is really loaded
+        from .retrieval import load_model  # torch is imported only when a model is really loaded
 
-        loader = self._loader or LoadedModel.load
+        loader = self._loader or load_model  # LoadedModel, or RetrievalModel for an image-text matching checkpoint
         started = time.monotonic()
         source = None if ref.is_local else download(ref, self.options)  # most failures happen here, before eviction
         need = self._estimate_bytes(ref, source or ref.source)
@@ -285,6 +285,18 @@ class ModelManager:
                     return
             self._loaded[name] = model
             self._loaded.move_to_end(name, last=False)
+
+
+def resolve_any(name: str) -> ModelRef:
+    """catalog.resolve, then the image-text matching catalog (retrieval.py, imported only for such a name)."""
+    try:
+        return resolve(name)
+    except UnknownModelError:
+        from .retrieval import find_retrieval_entry, resolve_model
+
+        if find_retrieval_entry(name) is None:
+            raise
+        return resolve_model(name)
 
 
 def _footprint(model: Any) -> int:

@@ -74,6 +74,11 @@ class Service:
                 "overrides": dict(overrides or {}), "short": short, "detailed": detailed}
 
     def _prepare(self, loaded: Any, request: Mapping[str, Any]):
+        if not hasattr(loaded, "prepare"):
+            from .errors import BadInputError
+
+            raise BadInputError(f"{loaded.name} is an image-text matching model: it gives trust scores and "
+                                "search, not captions or answers. Choose a captioning model.")
         settings = resolve_settings(request["task"], request["preset"], request["overrides"],
                                     checkpoint=loaded.checkpoint_generation, limits=self.limits)
         prepared = loaded.prepare(request["task"], question=request["question"], history=request["history"],

@@ -92,3 +92,24 @@ def test_make_tiny_writes_loadable_checkpoints(tmp_path):
     Image.new("RGB", (20, 20), "green").save(tmp_path / "g.png")
     caption = run("caption", str(tmp_path / "g.png"), "--model", str(tmp_path / "tiny" / "blip2-flan-t5"))
     assert caption.returncode == 0, caption.stderr
+
+
+def test_embed_prints_features_of_images_and_texts(tiny_checkpoints, photos, tmp_path):
+    from blip_app.tiny import make_tiny_retrieval_checkpoint
+
+    matcher = make_tiny_retrieval_checkpoint(tmp_path / "itm")
+    result = run("embed", str(photos / "red.png"), "a red square", "--model", str(matcher), "--json")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["kind"] for r in rows] == ["image", "qformer", "itc-image", "qformer-text", "itc-text"]
+    assert rows[0]["input"] == str(photos / "red.png") and rows[-1]["input"] == "a red square"
+    result = run("embed", "a red square", "--model", str(tiny_checkpoints["blip2-opt"]))
+    assert result.returncode == 0 and result.stdout.startswith("a red square  text ")
+
+
+def test_caption_a_folder_into_csv(tiny_checkpoints, photos, tmp_path):
+    result = run("caption", str(photos), "--model", str(tiny_checkpoints["blip2-opt"]), "--preset", "fast",
+                 "--csv", str(tmp_path / "out.csv"))
+    assert result.returncode == 1  # corrupt.jpg in the folder
+    assert len(result.stdout.splitlines()) == 2 and "corrupt.jpg" in result.stderr
+    assert (tmp_path / "out.csv").read_text().count("\n") == 4

@@ -1,0 +1,188 @@
+"""Command-line pieces for ``python -m blip_app``: the ``embed`` command, and ``caption`` over folders and zips.
+
+``__main__`` wires them in: :func:`add_embed_parser` / :func:`cmd_embed`, and for ``caption``
+:func:`add_caption_batch_options` / :func:`cmd_caption`. Errors are raised as blip_app errors;
+``__main__.main`` turns them into one line on stderr and the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from .devices import PRECISIONS, LoadOptions
+from .errors import BadInputError
+from .settings import SETTING_NAMES, Preset
+
+_PREVIEW = 6  # values shown per embedding without --json
+
+
+def _options(args: argparse.Namespace) -> LoadOptions:
+    return LoadOptions(device=args.device, precision=args.precision, quantization=getattr(args, "quantization", "none"),
+                       local_files_only=args.offline or os.environ.get("HF_HUB_OFFLINE") == "1")
+
+
+def _service(args: argparse.Namespace) -> tuple[Any, str]:
+    """A service offering ``args.model`` (retrieval catalog names included) and the name to use with it."""
+    from .errors import UnknownModelError
+    from .manager import ModelManager
+    from .retrieval import find_retrieval_entry, load_model
+    from .service import Service
+
+    options = _options(args)
+    name = args.model
+    try:
+        manager = ModelManager([name], options, loader=load_model)
+    except UnknownModelError:
+        entry = find_retrieval_entry(name)
+        if entry is None:
+            raise
+        name = entry.hub_id  # a manager that resolves names with the main catalog only takes the hub id
+        manager = ModelManager([name], options, loader=load_model)
+    return Service([name], options, manager=manager), name
+
+
+# --------------------------------------------------------------------------------------------------
+# embed
+
+
+def add_embed_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``embed IMAGE_OR_TEXT... [--model NAME] [--json]`` to a sub-command set."""
+    from .retrieval import DEFAULT_RETRIEVAL_MODEL
+
+    parser = commands.add_parser(
+        "embed", help="print the features a model gives for images and texts",
+        description="An argument naming an existing file is an image; any other argument is a text. "
+                    "The image-text matching model gives its projected embeddings (the ones search uses); "
+                    "a captioning model gives its vision, Q-Former and language-model features.")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_TEXT")
+    parser.add_argument("--model", default=DEFAULT_RETRIEVAL_MODEL,
+                        help="image-text matching or captioning model (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line with the full vectors")
+    parser.add_argument("--instruction", default="", help="InstructBLIP only: the text its Q-Former reads")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--offline", action="store_true", help="never download; local cache and folders only")
+    return parser
+
+
+def _inputs(arguments: list[str]) -> tuple[list[Any], list[str]]:
+    """Images (decoded now, so a bad one fails before a model loads) and texts, with their names."""
+    from .images import load_image
+
+    items: list[Any] = []
+    for argument in arguments:
+        items.append(load_image(argument) if Path(argument).is_file() else argument)
+    return items, list(arguments)
+
+
+def format_embedding(embedding: Any, *, width: int = 0) -> str:
+    """One line: input, kind, shape, norm and the first values (of the mean, for several rows)."""
+    shape = "x".join(str(n) for n in embedding.shape)
+    values = ", ".join(f"{float(v):.4f}" for v in embedding.pooled[:_PREVIEW])
+    more = ", ..." if embedding.pooled.numel() > _PREVIEW else ""
+    mean = "mean " if len(embedding.shape) > 1 else ""
+    return (f"{embedding.source:{width}}  {embedding.kind:12} {shape:>9}  norm {embedding.norm:9.4f}  "
+            f"{mean}[{values}{more}]")
+
+
+def cmd_embed(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Print each input's embeddings: kind, dimension, norm and first values; or JSON Lines with --json."""
+    from .retrieval import embed
+
+    out = out or sys.stdout
+    items, names = _inputs(args.inputs)
+    service, name = _service(args)
+    embeddings = embed(service, name, items, names=names, instruction=args.instruction)
+    width = min(40, max(len(e.source) for e in embeddings))
+    for embedding in embeddings:
+        if args.json:
+            data = embedding.as_dict(full=True)
+            data["model"] = args.model
+            out.write(json.dumps(data, ensure_ascii=False) + "\n")
+        else:
+            out.write(format_embedding(embedding, width=width) + "\n")
+    out.flush()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# caption over files, folders and zip archives
+
+
+def add_caption_batch_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--csv PATH``, ``--jsonl PATH`` and ``--workers N`` to the caption parser."""
+    parser.add_argument("--csv", metavar="PATH", help="also write every result (model and settings included) as CSV")
+    parser.add_argument("--jsonl", metavar="PATH", help="also write every result as JSON Lines")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="images in flight at once; those waiting are captioned together (default: 4)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {name: getattr(args, name) for name in SETTING_NAMES if getattr(args, name, None) is not None}
+
+
+def cmd_caption(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Caption images, folders (recursive) and zip archives; one line (or JSON object) per image.
+
+    Images named on the command line are decoded first: an unreadable one fails the command before any
+    model loads. Images found in folders and archives that fail are reported on stderr and in the
+    CSV / JSON Lines files, and the command goes on (exit status 1 at the end).
+    """
+    from .batch import BatchItem, caption_many, iter_images
+    from .exports import batch_to_csv, batch_to_jsonl
+
+    out, err = out or sys.stdout, err or sys.stderr
+    if args.workers < 1:
+        raise BadInputError(f"--workers must be at least 1, not {args.workers}.")
+    items = list(iter_images(args.images))
+    named = {os.fspath(p) for p in args.images}
+    for index, item in enumerate(items):
+        if item.name in named and item.load is not None:
+            image = item.load()  # BadImageError: the command fails here, as for a single image
+            items[index] = BatchItem(item.name, lambda image=image: image)
+    if not any(item.load is not None for item in items):
+        raise BadInputError("No images were found in " + ", ".join(os.fspath(p) for p in args.images) + ".")
+    service, name = _service(args)
+    preset = Preset.DETAILED if args.detailed and args.preset == Preset.STANDARD.value else Preset(args.preset)
+    results, failed = [], 0
+    several = len(items) > 1
+    for result in caption_many(service, name, items, preset, _overrides(args), detailed=args.detailed,
+                               workers=args.workers):
+        result = _relabel(result, args.model)
+        results.append(result)
+        if result.error is not None:
+            failed += 0 if result.skipped else 1
+            err.write(f"{'note' if result.skipped else 'warning'}: {result.name}: {result.error}\n")
+        elif args.json:
+            out.write(json.dumps({"image": result.name, "model": args.model, "caption": result.caption},
+                                 ensure_ascii=False) + "\n")
+        else:
+            out.write(f"{result.name}: {result.caption}\n" if several else f"{result.caption}\n")
+        out.flush()
+    if args.csv:
+        _write(args.csv, batch_to_csv(results))
+    if args.jsonl:
+        _write(args.jsonl, batch_to_jsonl(results))
+    if failed:
+        err.write(f"error: {failed} of {len(results)} images could not be captioned (see above)\n")
+        return 1
+    return 0
+
+
+def _relabel(result: Any, model: str) -> Any:
+    from dataclasses import replace
+
+    return replace(result, model=model) if result.model != model else result
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise BadInputError(f"Cannot write {path}: {exc.strerror}.") from exc
