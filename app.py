@@ -1,0 +1,61 @@
+"""Start the web app: ``python app.py [--model NAME_OR_PATH ...]`` (``--help`` lists every option).
+
+Importing this module loads no weights and builds nothing: :func:`create_app` builds the Service and
+the page, :func:`main` also launches it. Models load on first use, or at start-up with ``--preload``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from blip_app.config import AppConfig, parse_config
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from blip_app.manager import ModelManager
+    from blip_app.service import Service
+
+log = logging.getLogger("blip_app")
+
+
+def create_app(config: AppConfig, *, manager: ModelManager | None = None) -> tuple[gr.Blocks, Service]:
+    """The Gradio app for ``config`` and the Service behind it (no model is loaded).
+
+    ``manager`` replaces the default ModelManager (tests use one with their own loader).
+    """
+    from blip_app import ui
+    from blip_app.service import Service
+
+    service = Service(
+        config.models,
+        config.load,
+        memory_budget_gb=config.memory_budget_gb,
+        limits=config.limits,
+        max_message_chars=config.max_message_chars,
+        time_limit_s=config.time_limit_s,
+        manager=manager,
+    )
+    return ui.build_ui(service, config), service
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the options, build the app, optionally preload the default model, and serve until stopped."""
+    config = parse_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own requests, one line each
+    from blip_app import ui
+
+    demo, service = create_app(config)
+    if config.preload:
+        log.info("Preloading %s", config.default_model)
+        log.info(service.load(config.default_model))
+    ui.launch(demo, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,917 @@
+"""The web app: caption, question answering and chat about one image, on BLIP-2 and InstructBLIP.
+
+The only module that imports gradio. :func:`build_ui` builds the page and the four API endpoints for
+scripts (``/caption``, ``/answer``, ``/chat``, ``/models``); :func:`launch` starts the server. The
+Service validates every request, picks the model and runs it; nothing here branches on a model family.
+
+How this module keeps its promises:
+
+- **Images are decoded by blip_app only.** ``gr.Image.preprocess`` calls ``PIL.Image.open`` with every
+  Pillow plugin even for ``type="filepath"`` (gradio/image_utils.py, ``preprocess_image``), so every
+  event that takes the image runs with ``preprocess=False``: the handler receives the upload's file
+  record, whose path gradio has checked to lie in its upload folder, checks that again, and hands the
+  path to :func:`blip_app.images.load_image` (allow-list, size limits).
+- **Text is inert.** gradio renders Chatbot messages as Markdown and then as (sanitised) HTML, which still
+  lets ``<img src=...>``, ``![](url)``, forms and links through; toasts render HTML. Chat text is
+  therefore escaped for Markdown (:func:`inert`) and toast sentences for HTML (:func:`_toast_text`).
+- **Session state is plain data** that deep-copies: ``{"image": digest or None, "turns": [[q, a], ...]}``.
+  Running answers are found by the browser session's id so that Stop can end them (:class:`_Running`).
+- **Errors never lose the conversation.** Every handler catches everything: a BlipAppError shows its
+  sentence, anything else is logged with its traceback and shows :func:`errors.user_message`.
+
+Type hints here are evaluated at run time by gradio (``gr.api`` reads the return annotation without
+resolving strings), so this module does not use ``from __future__ import annotations``.
+"""
+
+import html
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+# Read by gradio when it is imported and when an app launches; an operator may still set it to True.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import spaces  # noqa: E402
+from gradio.data_classes import FileData  # noqa: E402
+from gradio.utils import get_upload_folder, is_in_or_equal  # noqa: E402
+
+from .config import AppConfig  # noqa: E402
+from .errors import BadImageError, BlipAppError, CancelledError, user_message  # noqa: E402
+from .images import ImageLimits, image_digest, install_pillow_limits, load_image  # noqa: E402
+from .manager import ModelState  # noqa: E402
+from .service import Service  # noqa: E402
+from .settings import PRESET_HELP, Limits, Preset, Task, preset_settings  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+TITLE = "Talk with images"
+TAGLINE = "Caption a photo, ask questions about it, or chat about it, with the BLIP-2 and InstructBLIP models."
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+# On a CPU greedy decoding is the one that streams, so chat starts there; captions and answers use the
+# papers' beam search.
+DEFAULT_PRESET = {Task.CHAT: Preset.FAST, Task.CAPTION: Preset.STANDARD, Task.ANSWER: Preset.STANDARD}
+PRESET_LABELS = {Preset.STANDARD: "Standard (beam search)", Preset.FAST: "Fast (streams)",
+                 Preset.DETAILED: "Detailed"}
+
+# Generation events per event type that may run at once. The engine's device lock already keeps one
+# generation per device; a second slot lets a request load its model or validate while another generates.
+CONCURRENCY = 2
+
+PresetName = Literal["standard", "fast", "detailed"]
+assert set(get_args(PresetName)) == {p.value for p in Preset}, "PresetName must list every Preset"
+
+THINKING = "*thinking…*"
+CURSOR = " ▍"
+EMPTY_ANSWER = "*(the model gave an empty answer)*"
+NO_PROMPT = "(nothing yet: the prompt appears here when a request runs, or press Preview)"
+EMPTY_PROMPT = "(empty: the model sees only the image tokens)"
+
+PRIVATE: dict[str, Any] = {"api_visibility": "private"}
+# Handlers that only reshuffle session data: never queued behind generations.
+LIGHT: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
+
+CSS = """
+.gradio-container { width: 100% !important; max-width: 1240px !important; margin: 0 auto !important; }
+#header h1 { margin-bottom: 0.1em; }
+#header p { margin-top: 0; color: var(--body-text-color-subdued); }
+#model-status p { margin: 0.35em 0; }
+.note p { font-size: var(--text-sm); color: var(--body-text-color-subdued); margin: 0.2em 0; }
+"""
+
+
+@dataclass(frozen=True)
+class Example:
+    """A photo in assets/examples with a question for the Ask tab and an opening line for the chat."""
+
+    file: str
+    question: str
+    opener: str
+
+
+EXAMPLES = (
+    Example("chelsea.jpg", "What color is the cat?", "What animal is this, and what is it doing?"),
+    Example("astronaut.jpg", "What is she wearing?", "Who might this person be?"),
+    Example("rocket.jpg", "What is happening in this picture?", "Where could this photo have been taken?"),
+    Example("coffee.jpg", "What is in the cup?", "Describe the drink in detail."),
+    Example("hubble_deep_field.jpg", "What are the bright dots?", "What does this picture show?"),
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain helpers: text, images, settings
+
+
+_ASCII_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def inert(text: str) -> str:
+    """Markdown source that the Chatbot shows exactly as ``text`` reads: no HTML, links, images, code or maths.
+
+    Every ASCII punctuation mark is backslash-escaped (CommonMark renders each as itself), which also
+    defeats GFM's bare-URL and e-mail autolinks. Lines are trimmed so that indentation cannot make a
+    code block. Chatbot copy buttons are off because they would copy the escapes.
+    """
+    lines = (line.strip() for line in str(text).splitlines())
+    return "\n".join(_ASCII_PUNCTUATION.sub(r"\\\1", line) for line in lines)
+
+
+def _toast_text(text: str) -> str:
+    """A sentence for gr.Warning / gr.Error, which render their message as (sanitised) HTML."""
+    return html.escape(text, quote=False)
+
+
+def _notify(exc: BaseException) -> None:
+    """Show an exception to the person: our errors with their sentence, bugs logged with traceback."""
+    if isinstance(exc, BlipAppError):
+        log.info("Refused: %s", exc)
+        gr.Warning(_toast_text(str(exc)))
+    else:
+        log.exception("Unexpected error in a UI handler")
+        gr.Warning(_toast_text(user_message(exc)))
+
+
+def _api_error(exc: BaseException) -> gr.Error:
+    """The gr.Error that carries an exception's sentence to an API client."""
+    if isinstance(exc, BlipAppError):
+        log.info("API request refused: %s", exc)
+    else:
+        log.exception("Unexpected error in an API endpoint")
+    return gr.Error(_toast_text(user_message(exc)), print_exception=False)
+
+
+def uploaded_path(value: Any) -> str:
+    """The file path of an uploaded image as gradio hands it over with ``preprocess=False``.
+
+    gradio has already refused paths outside its upload folder for file records (those whose ``meta``
+    names ``gradio.FileData``); anything else (a bare path string, a record without ``meta``) never went
+    through that check, so the folder is checked here again. Raises BadImageError.
+    """
+    if value is None:
+        raise BadImageError("No image was given. Please upload an image first.")
+    path = value.get("path") if isinstance(value, Mapping) else None
+    if not isinstance(path, str) or not path:
+        raise BadImageError("The image must be sent as an uploaded file (gradio_client: handle_file(path)).")
+    if not is_in_or_equal(path, get_upload_folder()):
+        raise BadImageError("The image must be sent as an uploaded file (gradio_client: handle_file(path)).")
+    return path
+
+
+def split_settings(task: Task, settings: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The preset and the overrides of a settings panel: only the values that differ from the preset's.
+
+    Untouched sliders thus leave the preset (and, for the standard preset, the checkpoint's own saved
+    settings) in charge; the Service validates whatever is sent.
+    """
+    values = dict(settings)
+    preset = values.pop("preset", None) or DEFAULT_PRESET[task].value
+    try:
+        defaults = preset_settings(task, Preset(preset))
+    except ValueError:
+        return preset, values  # the Service names the unknown preset
+    overrides = {name: value for name, value in values.items()
+                 if value is not None and value != getattr(defaults, name, None)}
+    return preset, overrides
+
+
+def describe_settings(settings: Any) -> str:
+    """One line for the decoding settings a reply used."""
+    if settings.do_sample:
+        how = f"sampling (temperature {settings.temperature:g}, top-p {settings.top_p:g})"
+    elif settings.num_beams > 1:
+        how = f"beam search ({settings.num_beams} beams)"
+    else:
+        how = "greedy"
+    return f"{how}, up to {settings.max_new_tokens} new tokens"
+
+
+def prompt_stats(prepared: Any, reply: Any = None) -> str:
+    """Markdown: the token counts of a prepared prompt against the model's limit, and how the reply went."""
+    lines = [
+        f"**{prepared.total_tokens:,}** tokens go in ({prepared.image_tokens:,} image tokens + "
+        f"{prepared.prompt_tokens:,} prompt tokens); the model takes at most **{prepared.context_tokens:,}**."
+    ]
+    plan = prepared.prompt
+    if plan.dropped_turns:
+        lines.append(f"{plan.dropped_turns} oldest turn(s) left out to fit; {plan.kept_turns} kept.")
+    if prepared.qformer_text is not None:
+        lines.append(f"Instruction read by the Q-Former: {inert(prepared.qformer_text) or '(none)'}")
+    if reply is not None:
+        lines.append(f"Answer: {reply.new_tokens} new tokens in {reply.seconds:.2f} s, "
+                     f"{describe_settings(reply.settings)}.")
+    return "\n\n".join(lines)
+
+
+def reply_note(reply: Any) -> str:
+    """Markdown for what the person should know about a finished reply (dropped turns, early stop)."""
+    notes = []
+    if reply.dropped_turns:
+        notes.append(f"The {reply.dropped_turns} oldest turn(s) no longer fit in the model's context: "
+                     "this answer was written without them.")
+    if reply.stopped_early == "time limit":
+        notes.append("The answer was cut short at the server's time limit.")
+    return "\n\n".join(notes)
+
+
+def model_choices(states: Sequence[ModelState]) -> list[tuple[str, str]]:
+    """Dropdown choices: (label with the model's state, model name)."""
+    words = {"loaded": "loaded", "parked": "in CPU memory", "loading": "loading…", "on disk": "downloaded",
+             "folder": "local folder"}
+    return [(f"{state.label} · {words.get(state.state, state.detail)}", state.name) for state in states]
+
+
+def model_status(states: Sequence[ModelState], name: str) -> str:
+    """Markdown: the chosen model's state and description."""
+    headline = {"loaded": "Ready", "parked": "Ready soon", "loading": "Loading", "on disk": "Not loaded",
+                "folder": "Not loaded", "download": "Not downloaded"}
+    for state in states:
+        if state.name == name:
+            return (f"**{headline.get(state.state, 'Not loaded')}**: {inert(state.detail)}.\n\n"
+                    f"{inert(state.description)}")
+    return "Choose a model."
+
+
+def chat_messages(turns: Sequence[Sequence[str]], pending: tuple[str, str] | None = None) -> list[dict[str, str]]:
+    """Chatbot messages for the finished turns and, while an answer is being written, the pending one."""
+    messages = []
+    for question, answer in turns:
+        messages.append({"role": "user", "content": inert(question)})
+        messages.append({"role": "assistant", "content": inert(answer) or EMPTY_ANSWER})
+    if pending is not None:
+        question, shown = pending
+        messages.append({"role": "user", "content": inert(question)})
+        messages.append({"role": "assistant", "content": shown})
+    return messages
+
+
+def new_chat(image: str | None = None) -> dict[str, Any]:
+    """A conversation's session state: plain data only."""
+    return {"image": image, "turns": []}
+
+
+@dataclass
+class _Job:
+    """An answer being written: Stop sets ``cancel``; a new image also marks it ``superseded``."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    superseded: bool = False
+
+
+class _Running:
+    """The answers being written, by browser session and tab, so that Stop and a new image can end them.
+
+    Plain dictionary operations (atomic in CPython); no lock is held by the UI.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[tuple[str, str], _Job] = {}
+
+    def start(self, session: str, task: Task) -> _Job:
+        """Register this session's new answer in ``task``."""
+        job = _Job()
+        self._jobs[(session, task.value)] = job
+        return job
+
+    def stop(self, session: str, task: Task, *, superseded: bool = False) -> None:
+        """Ask the running answer, if any, to stop at its next token."""
+        job = self._jobs.get((session, task.value))
+        if job is not None:
+            job.superseded = job.superseded or superseded
+            job.cancel.set()
+
+    def finish(self, session: str, task: Task, job: _Job) -> None:
+        """Forget ``job`` unless a newer answer has replaced it."""
+        if self._jobs.get((session, task.value)) is job:
+            del self._jobs[(session, task.value)]
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
+# --------------------------------------------------------------------------------------------------
+# Components that several handlers fill
+
+
+@dataclass
+class SettingsPanel:
+    """The decoding settings of one tab; ``controls`` maps preset and setting names to components."""
+
+    task: Task
+    controls: dict[str, Any]
+
+
+@dataclass
+class Inspector:
+    """The prompt inspector of one tab."""
+
+    prompt: Any
+    stats: Any
+    preview: Any
+
+
+def settings_panel(task: Task, limits: Limits) -> SettingsPanel:
+    """The 'Decoding settings' accordion, starting at the task's default preset. Bounds come from Limits."""
+    preset = DEFAULT_PRESET[task]
+    values = preset_settings(task, preset)
+    with gr.Accordion("Decoding settings", open=False):
+        controls: dict[str, Any] = {
+            "preset": gr.Radio([(PRESET_LABELS[p], p.value) for p in Preset], value=preset.value,
+                               label="Preset", info=PRESET_HELP[preset]),
+        }
+        with gr.Row():
+            controls["max_new_tokens"] = gr.Slider(1, limits.max_new_tokens, step=1, label="Max new tokens",
+                                                   value=min(values.max_new_tokens, limits.max_new_tokens))
+            controls["min_new_tokens"] = gr.Slider(0, limits.max_new_tokens, step=1, label="Min new tokens",
+                                                   value=min(values.min_new_tokens, limits.max_new_tokens))
+        with gr.Row():
+            controls["num_beams"] = gr.Slider(1, limits.num_beams, step=1, label="Beams",
+                                              value=min(values.num_beams, limits.num_beams),
+                                              info="1 = greedy: the answer appears as it is written")
+            controls["length_penalty"] = gr.Slider(-5.0, 5.0, step=0.1, value=values.length_penalty,
+                                                   label="Length penalty", interactive=values.num_beams > 1,
+                                                   info="beam search only; below 0 favours shorter output")
+        with gr.Row():
+            controls["do_sample"] = gr.Checkbox(value=values.do_sample, label="Sampling",
+                                                info="pick words at random instead of the likeliest")
+            controls["temperature"] = gr.Slider(0.05, 2.0, step=0.05, value=values.temperature,
+                                                label="Temperature", interactive=values.do_sample)
+            controls["top_p"] = gr.Slider(0.05, 1.0, step=0.05, value=values.top_p, label="Top-p",
+                                          interactive=values.do_sample)
+        controls["repetition_penalty"] = gr.Slider(0.5, 3.0, step=0.05, value=values.repetition_penalty,
+                                                   label="Repetition penalty", info="above 1 discourages repeats")
+    panel = SettingsPanel(task, controls)
+    _wire_settings(panel, limits)
+    return panel
+
+
+def _wire_settings(panel: SettingsPanel, limits: Limits) -> None:
+    c = panel.controls
+    sliders = ["max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temperature", "top_p",
+               "repetition_penalty", "length_penalty"]
+
+    def apply_preset(preset: str) -> tuple[Any, ...]:
+        try:
+            chosen = Preset(preset)
+        except ValueError:
+            return tuple(gr.skip() for _ in range(len(sliders) + 1))
+        values = preset_settings(panel.task, chosen)
+        caps = {"max_new_tokens": limits.max_new_tokens, "min_new_tokens": limits.max_new_tokens,
+                "num_beams": limits.num_beams}
+        updates = [min(getattr(values, name), caps[name]) if name in caps else getattr(values, name)
+                   for name in sliders]
+        return (gr.Radio(info=PRESET_HELP[chosen]), *updates)
+
+    c["preset"].change(apply_preset, c["preset"], [c["preset"], *(c[name] for name in sliders)], **LIGHT)
+    c["do_sample"].change(lambda on: (gr.Slider(interactive=on), gr.Slider(interactive=on)),
+                          c["do_sample"], [c["temperature"], c["top_p"]], **LIGHT)
+    c["num_beams"].change(lambda beams: gr.Slider(interactive=(beams or 1) > 1),
+                          c["num_beams"], c["length_penalty"], **LIGHT)
+
+
+def inspector() -> Inspector:
+    """The 'Prompt inspector' accordion: the exact text sent to the model and its token counts."""
+    with gr.Accordion("Prompt inspector", open=False):
+        prompt = gr.Textbox(label="Text sent to the language model, after the image tokens", value=NO_PROMPT,
+                            lines=3, max_lines=12, interactive=False, buttons=["copy"])
+        stats = gr.Markdown("", elem_classes="note")
+        preview = gr.Button("Preview the prompt", size="sm")
+    return Inspector(prompt, stats, preview)
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers
+
+
+class Handlers:
+    """The functions behind the page's events. Each takes and returns plain values."""
+
+    def __init__(self, service: Service, image_limits: ImageLimits) -> None:
+        self.service = service
+        self.image_limits = image_limits
+        self.running = _Running()
+
+    # ---------------------------------------------------------------- shared pieces
+
+    def picture(self, value: Any) -> Any:
+        """The uploaded image, decoded by blip_app.images.load_image (raises BadImageError)."""
+        return load_image(uploaded_path(value), self.image_limits)
+
+    def models_view(self, model: str) -> tuple[Any, str]:
+        """The model picker's choices and the chosen model's status line."""
+        states = self.service.models()
+        return gr.Dropdown(choices=model_choices(states)), model_status(states, model)
+
+    def refresh_models(self, model: str) -> tuple[Any, str]:
+        """Event: show every model's current state (page load, after each request)."""
+        try:
+            return self.models_view(model)
+        except Exception as exc:  # noqa: BLE001 - shown, never raised into gradio
+            _notify(exc)
+            return gr.skip(), gr.skip()
+
+    def load_model(self, model: str, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple[Any, str]:
+        """Event: load the model just chosen, with a progress bar while it downloads and loads."""
+        try:
+            progress(0, desc=f"Loading {model}…")
+            self.service.load(model)
+        except Exception as exc:  # noqa: BLE001
+            _notify(exc)
+        return self.refresh_models(model)
+
+    def _prepare(self, model: str, request: dict[str, Any], progress: gr.Progress) -> Any:
+        """Service.inspect, which loads the model first if needed (with the progress bar)."""
+        if not any(s.name == model and s.state == "loaded" for s in self.service.models()):
+            progress(0, desc=f"Loading {model}…")
+        return self.service.inspect(model, request)
+
+    def stop(self, request: gr.Request, task: Task) -> None:
+        """Event: stop this session's running answer in ``task`` at its next token."""
+        self.running.stop(_session(request), task)
+
+    # ---------------------------------------------------------------- chat
+
+    def on_image(self, image: Any, chat: dict[str, Any], request: gr.Request) -> tuple[Any, ...]:
+        """Event: a new image (upload or example) starts a new conversation and stops a running answer.
+
+        Outputs: image, chat state, chatbot, note, regenerate, undo, clear. Removing the image keeps the
+        conversation (the same picture uploaded again continues it); an unreadable upload is removed.
+        """
+        unchanged = tuple(gr.skip() for _ in range(7))
+        if image is None:
+            return unchanged
+        try:
+            digest = image_digest(self.picture(image))
+        except Exception as exc:  # noqa: BLE001
+            _notify(exc)
+            return (None, *unchanged[1:])
+        if digest == chat.get("image"):
+            return unchanged
+        self.running.stop(_session(request), Task.CHAT, superseded=True)
+        return (gr.skip(), new_chat(digest), [], "", *_history_buttons(False))
+
+    def chat_send(self, message: str, chat: dict[str, Any], image: Any, model: str, request: gr.Request,
+                  progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> Iterator[tuple[Any, ...]]:
+        """Event: answer a new message, streaming the answer (beam search shows a placeholder instead)."""
+        yield from _settling(self._chat_turn(message, chat, chat, image, model, settings, _session(request),
+                                             progress))
+
+    def chat_regenerate(self, chat: dict[str, Any], image: Any, model: str, request: gr.Request,
+                        progress: gr.Progress = gr.Progress(track_tqdm=True),
+                        **settings: Any) -> Iterator[tuple[Any, ...]]:
+        """Event: ask the last question again, replacing its answer."""
+        turns = chat.get("turns") or []
+        if not turns:
+            gr.Info("There is no answer to regenerate yet.")
+            yield _chat_view(chat)
+            return
+        earlier = {**chat, "turns": turns[:-1]}
+        yield from _settling(self._chat_turn(turns[-1][0], earlier, chat, image, model, settings,
+                                             _session(request), progress))
+
+    def history_buttons(self, chat: dict[str, Any]) -> tuple[Any, Any, Any]:
+        """Event (after each answer has completed): Regenerate, Undo and Clear work when there are turns."""
+        return _history_buttons(bool(chat.get("turns")))
+
+    def chat_undo(self, chat: dict[str, Any]) -> tuple[Any, ...]:
+        """Event: remove the last turn and put its question back in the message box."""
+        turns = chat.get("turns") or []
+        if not turns:
+            return _chat_view(chat)
+        chat = {**chat, "turns": turns[:-1]}
+        return _chat_view(chat, message=turns[-1][0], note="")
+
+    def chat_clear(self, chat: dict[str, Any], request: gr.Request) -> tuple[Any, ...]:
+        """Event: forget the conversation (the image stays); an answer being written is dropped."""
+        self.running.stop(_session(request), Task.CHAT, superseded=True)
+        return _chat_view(new_chat(chat.get("image")), note="")
+
+    def chat_preview(self, message: str, chat: dict[str, Any], image: Any, model: str,
+                     progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> tuple[Any, Any]:
+        """Event: show the prompt the message box would send, without generating."""
+        turns = chat.get("turns") or []
+        return self._preview(Task.CHAT, model, settings, progress, question=message or "…", history=turns)
+
+    def _chat_turn(self, message: str, chat: dict[str, Any], original: dict[str, Any], image: Any, model: str,
+                   settings: Mapping[str, Any], session: str, progress: gr.Progress) -> Iterator[tuple[Any, ...]]:
+        """Answer ``message`` after ``chat``'s turns; on any failure show ``original`` again, unchanged."""
+        try:
+            picture = self.picture(image)
+            digest = image_digest(picture)
+            if digest != chat.get("image"):  # the image changed under a running page: a new conversation
+                chat = original = new_chat(digest)
+            preset, overrides = split_settings(Task.CHAT, settings)
+            request = self.service.request(Task.CHAT, question=message, history=chat["turns"], preset=preset,
+                                           overrides=overrides)
+        except Exception as exc:  # noqa: BLE001
+            _notify(exc)
+            yield _chat_view(original)
+            return
+        job = self.running.start(session, Task.CHAT)
+        answer = self._chat_answer(request, chat, original, message, picture, model, job.cancel, progress)
+        try:
+            for view in answer:
+                if job.superseded:
+                    break
+                yield view
+        finally:
+            answer.close()
+            self.running.finish(session, Task.CHAT, job)
+        if job.superseded:  # a new image arrived meanwhile: its new, empty conversation wins
+            yield _chat_view(new_chat(), note="")
+
+    def _chat_answer(self, request: dict[str, Any], chat: dict[str, Any], original: dict[str, Any], message: str,
+                     picture: Any, model: str, cancel: threading.Event,
+                     progress: gr.Progress) -> Iterator[tuple[Any, ...]]:
+        """The views of one validated chat turn, from the pending question to the finished answer."""
+        question = request["question"]
+        text = ""
+        try:
+            yield _chat_view(chat, pending=(question, THINKING), busy=True, message="", note="")
+            prepared = self._prepare(model, request, progress)
+            yield _chat_view(chat, pending=(question, THINKING), busy=True,
+                             prompt=prepared.prompt.text or EMPTY_PROMPT, stats=prompt_stats(prepared))
+            for reply in self.service.stream(model, picture, request, cancel=cancel):
+                text = reply.text
+                if not reply.finished:
+                    yield _chat_view(chat, pending=(question, inert(text) + CURSOR), busy=True)
+                    continue
+                done = {**chat, "turns": [*chat["turns"], [question, reply.text]]}
+                yield _chat_view(done, note=reply_note(reply), stats=prompt_stats(prepared, reply))
+        except CancelledError:
+            if text:
+                done = {**chat, "turns": [*chat["turns"], [question, text]]}
+                yield _chat_view(done, note="Stopped: the last answer is incomplete.")
+            else:
+                yield _chat_view(original, message=message, note="Stopped before the model answered.")
+        except Exception as exc:  # noqa: BLE001
+            _notify(exc)
+            yield _chat_view(original, message=message)
+
+    # ---------------------------------------------------------------- caption and ask
+
+    def run_caption(self, image: Any, model: str, style: str, request: gr.Request,
+                    progress: gr.Progress = gr.Progress(track_tqdm=True),
+                    **settings: Any) -> Iterator[tuple[Any, ...]]:
+        """Event: caption the image."""
+        yield from self._single(Task.CAPTION, image, model, settings, _session(request), progress,
+                                detailed=style == "detailed")
+
+    def run_ask(self, question: str, short: bool, image: Any, model: str, request: gr.Request,
+                progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> Iterator[tuple[Any, ...]]:
+        """Event: answer a question about the image."""
+        yield from self._single(Task.ANSWER, image, model, settings, _session(request), progress,
+                                question=question, short=bool(short))
+
+    def caption_preview(self, model: str, style: str, progress: gr.Progress = gr.Progress(track_tqdm=True),
+                        **settings: Any) -> tuple[Any, Any]:
+        """Event: show the caption prompt without generating."""
+        return self._preview(Task.CAPTION, model, settings, progress, detailed=style == "detailed")
+
+    def ask_preview(self, question: str, short: bool, model: str,
+                    progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> tuple[Any, Any]:
+        """Event: show the question's prompt without generating."""
+        return self._preview(Task.ANSWER, model, settings, progress, question=question, short=bool(short))
+
+    def _single(self, task: Task, image: Any, model: str, settings: Mapping[str, Any], session: str,
+                progress: gr.Progress, **inputs: Any) -> Iterator[tuple[Any, ...]]:
+        """Run a caption or an answer into the tab's output box: (output, run button, stop button, prompt, stats)."""
+        try:
+            picture = self.picture(image)
+            preset, overrides = split_settings(task, settings)
+            request = self.service.request(task, preset=preset, overrides=overrides, **inputs)
+        except Exception as exc:  # noqa: BLE001
+            _notify(exc)
+            yield _single_view()
+            return
+        job = self.running.start(session, task)
+        text = ""
+        try:
+            yield _single_view("thinking…", busy=True)
+            prepared = self._prepare(model, request, progress)
+            yield _single_view(busy=True, prompt=prepared.prompt.text or EMPTY_PROMPT, stats=prompt_stats(prepared))
+            for reply in self.service.stream(model, picture, request, cancel=job.cancel):
+                text = reply.text
+                if not reply.finished:
+                    yield _single_view(text + CURSOR, busy=True)
+                    continue
+                output = reply.text or "(the model gave an empty answer)"
+                if reply.stopped_early == "time limit":
+                    output += " [cut short at the time limit]"
+                yield _single_view(output, stats=prompt_stats(prepared, reply))
+        except CancelledError:
+            yield _single_view(f"{text} [stopped]" if text else "")
+        except Exception as exc:  # noqa: BLE001
+            _notify(exc)
+            yield _single_view("")
+        finally:
+            self.running.finish(session, task, job)
+
+    def _preview(self, task: Task, model: str, settings: Mapping[str, Any], progress: gr.Progress,
+                 **inputs: Any) -> tuple[Any, Any]:
+        try:
+            preset, overrides = split_settings(task, settings)
+            request = self.service.request(task, preset=preset, overrides=overrides, **inputs)
+            prepared = self._prepare(model, request, progress)
+        except Exception as exc:  # noqa: BLE001
+            _notify(exc)
+            return gr.skip(), gr.skip()
+        return prepared.prompt.text or EMPTY_PROMPT, prompt_stats(prepared)
+
+
+def _history_buttons(enabled: bool) -> tuple[Any, Any, Any]:
+    return tuple(gr.Button(interactive=enabled) for _ in range(3))  # type: ignore[return-value]
+
+
+def _settling(views: Iterator[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    """Chat views with Regenerate, Undo and Clear off; the event's ``.then`` step turns them on.
+
+    gradio sends a generator's last outputs again when the event completes, which would silently
+    revert an Undo or Clear clicked between the last yield and that moment.
+    """
+    for view in views:
+        yield (*view[:6], *_history_buttons(False), *view[9:])
+
+
+def _chat_view(chat: dict[str, Any], *, pending: tuple[str, str] | None = None, busy: bool = False,
+               message: Any = None, note: Any = None, prompt: Any = None, stats: Any = None) -> tuple[Any, ...]:
+    """Values for CHAT outputs: chatbot, state, note, message, send, stop, regenerate, undo, clear, prompt, stats.
+
+    ``None`` for message, note, prompt and stats means "leave as it is".
+    """
+    keep = gr.skip()
+    has_turns = bool(chat.get("turns")) and not busy
+    return (
+        chat_messages(chat.get("turns") or [], pending),
+        chat,
+        keep if note is None else note,
+        keep if message is None else message,
+        gr.Button(visible=not busy),
+        gr.Button(visible=busy),
+        *_history_buttons(has_turns),
+        keep if prompt is None else prompt,
+        keep if stats is None else stats,
+    )
+
+
+def _single_view(output: Any = None, *, busy: bool = False, prompt: Any = None, stats: Any = None) -> tuple[Any, ...]:
+    """Values for a caption/ask tab's outputs: output, run button, stop button, prompt, stats."""
+    keep = gr.skip()
+    return (keep if output is None else output, gr.Button(visible=not busy), gr.Button(visible=busy),
+            keep if prompt is None else prompt, keep if stats is None else stats)
+
+
+# --------------------------------------------------------------------------------------------------
+# The API for scripts
+
+
+def add_api(service: Service, image_limits: ImageLimits, default_model: str) -> None:
+    """Register /caption, /answer, /chat and /models (typed from the hints below) in the current Blocks."""
+
+    def decode(image: Any) -> Any:
+        return load_image(uploaded_path(image), image_limits)
+
+    def overrides(max_new_tokens: int | None, min_new_tokens: int | None, num_beams: int | None,
+                  do_sample: bool | None, temperature: float | None, top_p: float | None,
+                  repetition_penalty: float | None, length_penalty: float | None) -> dict[str, Any]:
+        values = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "num_beams": num_beams,
+                  "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
+                  "repetition_penalty": repetition_penalty, "length_penalty": length_penalty}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def caption(image: FileData, model: str = default_model, preset: PresetName = "standard",
+                max_new_tokens: int | None = None, min_new_tokens: int | None = None,
+                num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+                top_p: float | None = None, repetition_penalty: float | None = None,
+                length_penalty: float | None = None, detailed: bool = False) -> str:
+        """Caption an image. Send the image with gradio_client.handle_file(path)."""
+        try:
+            request = service.request(Task.CAPTION, preset=preset, detailed=detailed, overrides=overrides(
+                max_new_tokens, min_new_tokens, num_beams, do_sample, temperature, top_p, repetition_penalty,
+                length_penalty))
+            return service.run(model, decode(image), request).text
+        except Exception as exc:  # noqa: BLE001
+            raise _api_error(exc) from None
+
+    def answer(image: FileData, question: str, model: str = default_model, preset: PresetName = "standard",
+               max_new_tokens: int | None = None, min_new_tokens: int | None = None,
+               num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+               top_p: float | None = None, repetition_penalty: float | None = None,
+               length_penalty: float | None = None, short: bool = False) -> str:
+        """Answer a question about an image."""
+        try:
+            request = service.request(Task.ANSWER, question=question, preset=preset, short=short,
+                                      overrides=overrides(max_new_tokens, min_new_tokens, num_beams, do_sample,
+                                                          temperature, top_p, repetition_penalty, length_penalty))
+            return service.run(model, decode(image), request).text
+        except Exception as exc:  # noqa: BLE001
+            raise _api_error(exc) from None
+
+    def chat(image: FileData, history: list[list[str]], message: str, model: str = default_model,
+             preset: PresetName = "standard", max_new_tokens: int | None = None, min_new_tokens: int | None = None,
+             num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+             top_p: float | None = None, repetition_penalty: float | None = None,
+             length_penalty: float | None = None) -> str:
+        """Answer the newest message of a conversation about an image. history: [[user, assistant], ...]."""
+        try:
+            request = service.request(Task.CHAT, question=message, history=history or (), preset=preset,
+                                      overrides=overrides(max_new_tokens, min_new_tokens, num_beams, do_sample,
+                                                          temperature, top_p, repetition_penalty, length_penalty))
+            return service.run(model, decode(image), request).text
+        except Exception as exc:  # noqa: BLE001
+            raise _api_error(exc) from None
+
+    def models() -> list[dict[str, str]]:
+        """The offered models: name, label, family, state, detail, description."""
+        try:
+            return [asdict(state) for state in service.models()]
+        except Exception as exc:  # noqa: BLE001
+            raise _api_error(exc) from None
+
+    gr.api(spaces.GPU(caption), api_name="caption")
+    gr.api(spaces.GPU(answer), api_name="answer")
+    gr.api(spaces.GPU(chat), api_name="chat")
+    gr.api(models, api_name="models", concurrency_limit=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# The page
+
+
+def _examples(image: Any, message: Any, question: Any) -> None:
+    """A row of example photos; a click loads the photo, a chat opener and a question (prompts stay hidden)."""
+    if not EXAMPLES_DIR.is_dir():
+        return
+    gr.Examples(examples=[[str(EXAMPLES_DIR / e.file), e.opener, e.question] for e in EXAMPLES],
+                inputs=[image, message, question], visible_columns=[0], label="Examples: click one to load it",
+                examples_per_page=len(EXAMPLES), cache_examples=False, api_visibility="private")
+
+
+def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
+    """The whole app as a gr.Blocks (nothing is loaded or launched here)."""
+    handlers = Handlers(service, config.image_limits)
+    states = service.models()
+    ages = config.delete_uploads_after_s
+    with gr.Blocks(title=f"{TITLE} · BLIP-2 and InstructBLIP", analytics_enabled=False, fill_width=True,
+                   delete_cache=(min(ages, 600), ages) if ages > 0 else None) as demo:
+        add_api(service, config.image_limits, config.default_model)  # first: the API owns its names
+        gr.Markdown(f"# {TITLE}\n{TAGLINE}", elem_id="header")
+        with gr.Row(equal_height=True):
+            model = gr.Dropdown(model_choices(states), value=config.default_model, label="Model", scale=2,
+                                min_width=280, interactive=True, filterable=False, elem_id="model")
+            status = gr.Markdown(model_status(states, config.default_model), elem_id="model-status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=4, min_width=300) as left:
+                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
+                                 height=400, placeholder="# Upload an image to start\ndrop it here, paste it, "
+                                                         "or pick an example below", buttons=["fullscreen"],
+                                 elem_id="image")
+            with gr.Column(scale=6, min_width=360):
+                with gr.Tabs():
+                    with gr.Tab("Chat", id="chat"):
+                        chat = _chat_tab(handlers, service.limits, image, model, status)
+                    with gr.Tab("Caption", id="caption"):
+                        captioned = _caption_tab(handlers, service.limits, image, model, status)
+                    with gr.Tab("Ask", id="ask"):
+                        ask = _ask_tab(handlers, service.limits, image, model, status)
+        with left:
+            _examples(image, chat["message"], ask["question"])
+        image.change(handlers.on_image, [image, chat["state"]],
+                     [image, chat["state"], chat["chatbot"], chat["note"], *chat["history_buttons"]],
+                     preprocess=False, **LIGHT)
+        model.select(spaces.GPU(handlers.load_model), model, [model, status], show_progress_on=[status], **PRIVATE)
+        demo.load(handlers.refresh_models, model, [model, status], **LIGHT)
+        for event in [*chat["events"], captioned, ask["event"]]:
+            event.then(handlers.refresh_models, model, [model, status], **LIGHT)
+    return demo
+
+
+# Stop must run at once, never queued behind the generation it stops.
+_STOP: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
+
+
+def _stop_fn(handlers: Handlers, task: Task) -> Any:
+    def stop(request: gr.Request) -> None:
+        handlers.stop(request, task)
+
+    return stop
+
+
+def _chat_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any) -> dict[str, Any]:
+    state = gr.State(new_chat())
+    # Text reaches the Chatbot through inert(): Markdown on (for line breaks), raw HTML, LaTeX, custom tags,
+    # copy buttons (they would copy the escapes) and feedback buttons (nothing records them) off.
+    chatbot = gr.Chatbot(label="Conversation", show_label=False, height=400, elem_id="chatbot", buttons=[],
+                         feedback_options=None, render_markdown=True, sanitize_html=True, allow_tags=False,
+                         latex_delimiters=[], line_breaks=True,
+                         placeholder="**Upload an image to start**, then ask anything about it.")
+    note = gr.Markdown("", elem_classes="note", elem_id="chat-note")
+    with gr.Row(equal_height=True):
+        message = gr.Textbox(placeholder="Ask something about the image…", show_label=False, scale=6, lines=1,
+                             max_lines=6, max_length=handlers.service.max_message_chars, elem_id="message")
+        send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="send")
+        stop = gr.Button("Stop", variant="stop", scale=1, min_width=90, visible=False, elem_id="chat-stop")
+    with gr.Row():
+        regenerate = gr.Button("↻ Regenerate", size="sm", interactive=False, min_width=80)
+        undo = gr.Button("↶ Undo", size="sm", interactive=False, min_width=80)
+        clear = gr.Button("✕ Clear", size="sm", interactive=False, min_width=80)
+    panel = settings_panel(Task.CHAT, limits)
+    inspect = inspector()
+
+    outputs = [chatbot, state, note, message, send, stop, regenerate, undo, clear, inspect.prompt, inspect.stats]
+    settings = panel.controls
+    # always_last: a message sent while the previous answer is finishing runs next instead of being dropped.
+    run = {"preprocess": False, "inputs_kwargs": settings, "show_progress_on": [status],
+           "trigger_mode": "always_last", **PRIVATE}
+    sent = gr.on([send.click, message.submit], spaces.GPU(handlers.chat_send), [message, state, image, model],
+                 outputs, **run)
+    again = regenerate.click(spaces.GPU(handlers.chat_regenerate), [state, image, model], outputs, **run)
+    for event in (sent, again):
+        event.then(handlers.history_buttons, state, [regenerate, undo, clear], **LIGHT)
+    stop.click(_stop_fn(handlers, Task.CHAT), None, None, **_STOP)
+    undo.click(handlers.chat_undo, state, outputs, **LIGHT)
+    gr.on([clear.click, chatbot.clear], handlers.chat_clear, state, outputs, **LIGHT)
+    inspect.preview.click(handlers.chat_preview, [message, state, image, model], [inspect.prompt, inspect.stats],
+                          preprocess=False, inputs_kwargs=settings, **PRIVATE)
+    return {"state": state, "chatbot": chatbot, "note": note, "message": message,
+            "history_buttons": [regenerate, undo, clear], "events": [sent, again]}
+
+
+def _caption_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any) -> Any:
+    style = gr.Radio([("Short caption", "short"), ("Detailed description", "detailed")], value="short",
+                     label="Style", info="Detailed also switches the decoding preset to 'detailed'.")
+    with gr.Row():
+        run = gr.Button("Caption", variant="primary", elem_id="caption-run")
+        stop = gr.Button("Stop", variant="stop", visible=False)
+    output = gr.Textbox(label="Caption", lines=3, interactive=False, buttons=["copy"], elem_id="caption-output",
+                        placeholder="Upload an image, then press Caption.")
+    panel = settings_panel(Task.CAPTION, limits)
+    inspect = inspector()
+
+    style.change(lambda chosen: Preset.DETAILED.value if chosen == "detailed" else Preset.STANDARD.value,
+                 style, panel.controls["preset"], **LIGHT)
+    outputs = [output, run, stop, inspect.prompt, inspect.stats]
+    event = run.click(spaces.GPU(handlers.run_caption), [image, model, style], outputs, preprocess=False,
+                      inputs_kwargs=panel.controls, show_progress_on=[status], trigger_mode="always_last",
+                      **PRIVATE)
+    stop.click(_stop_fn(handlers, Task.CAPTION), None, None, **_STOP)
+    inspect.preview.click(handlers.caption_preview, [model, style], [inspect.prompt, inspect.stats],
+                          preprocess=False, inputs_kwargs=panel.controls, **PRIVATE)
+    return event
+
+
+def _ask_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any) -> dict[str, Any]:
+    question = gr.Textbox(label="Question", placeholder="What is the cat doing?", lines=1, max_lines=4,
+                          max_length=handlers.service.max_message_chars, elem_id="question")
+    short = gr.Checkbox(label="Short answer (a word or two, as in VQA benchmarks)", value=False)
+    with gr.Row():
+        run = gr.Button("Ask", variant="primary", elem_id="ask-run")
+        stop = gr.Button("Stop", variant="stop", visible=False)
+    output = gr.Textbox(label="Answer", lines=2, interactive=False, buttons=["copy"], elem_id="answer-output",
+                        placeholder="Upload an image, type a question, then press Ask.")
+    panel = settings_panel(Task.ANSWER, limits)
+    inspect = inspector()
+
+    outputs = [output, run, stop, inspect.prompt, inspect.stats]
+    event = gr.on([run.click, question.submit], spaces.GPU(handlers.run_ask), [question, short, image, model],
+                  outputs, preprocess=False, inputs_kwargs=panel.controls, show_progress_on=[status],
+                  trigger_mode="always_last", **PRIVATE)
+    stop.click(_stop_fn(handlers, Task.ANSWER), None, None, **_STOP)
+    inspect.preview.click(handlers.ask_preview, [question, short, model], [inspect.prompt, inspect.stats],
+                          preprocess=False, inputs_kwargs=panel.controls, **PRIVATE)
+    return {"event": event, "question": question}
+
+
+# --------------------------------------------------------------------------------------------------
+# Serving
+
+
+def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = False, quiet: bool = False) -> str:
+    """Apply the image limits, configure the queue and serve ``demo``; returns the local URL.
+
+    Blocks until the server stops unless ``prevent_thread_lock``.
+    """
+    install_pillow_limits(config.image_limits)
+    demo.queue(max_size=config.queue_size, default_concurrency_limit=CONCURRENCY, api_open=False)
+    _, url, _ = demo.launch(
+        server_name=config.host,
+        server_port=config.port,
+        auth=config.auth,
+        max_file_size=int(config.max_upload_mb * 1024 * 1024),
+        show_error=False,
+        ssr_mode=False,
+        mcp_server=False,
+        run_history=False,  # would keep every image and chat in the browser's storage
+        footer_links=["api", "gradio", "settings"],
+        prevent_thread_lock=prevent_thread_lock,
+        quiet=quiet,
+        theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="slate"),
+        css=CSS,
+    )
+    return url
