@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-model", help="the model selected at start [BLIP_APP_DEFAULT_MODEL]")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N [BLIP_APP_DEVICE]")
     parser.add_argument("--precision", choices=PRECISIONS, help="weights dtype [BLIP_APP_PRECISION]")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, help="bitsandbytes quantisation [BLIP_APP_QUANTIZATION]")
-    parser.add_argument("--memory-budget-gb", type=float, help="memory the loaded models may take [BLIP_APP_MEMORY_BUDGET_GB]")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS,
+                        help="bitsandbytes quantisation [BLIP_APP_QUANTIZATION]")
+    parser.add_argument("--memory-budget-gb", type=float,
+                        help="memory the loaded models may take [BLIP_APP_MEMORY_BUDGET_GB]")
     parser.add_argument("--host", help="interface to listen on [BLIP_APP_HOST]; 0.0.0.0 on Spaces")
     parser.add_argument("--port", type=int, help="port [BLIP_APP_PORT, GRADIO_SERVER_PORT]")
     parser.add_argument("--max-upload-mb", type=float, help="largest upload accepted [BLIP_APP_MAX_UPLOAD_MB]")
@@ -70,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preload", action="store_true", default=None,
                         help="load the default model at start-up [BLIP_APP_PRELOAD=1]")
     parser.add_argument("--offline", action="store_true", default=None,
-                        help="never download; use the local cache and folders only [BLIP_APP_OFFLINE=1, HF_HUB_OFFLINE=1]")
+                        help="never download; local cache and folders only [BLIP_APP_OFFLINE=1, HF_HUB_OFFLINE=1]")
+    parser.add_argument("--rate-limit", type=int,
+                        help="requests a minute per client, 0 for no limit (default 30) [BLIP_APP_RATE_LIMIT]")
     return parser
 
 
@@ -113,6 +117,7 @@ def parse_config(argv: Sequence[str] | None = None) -> AppConfig:
         num_beams=int(_flag(args.beams_cap, "BEAMS_CAP", Limits.num_beams)),
     )
     port = _flag(args.port, "PORT", os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    max_upload_mb = float(_flag(args.max_upload_mb, "MAX_UPLOAD_MB", 20.0))
     return AppConfig(
         models=models,
         default_model=default_model,
@@ -120,7 +125,10 @@ def parse_config(argv: Sequence[str] | None = None) -> AppConfig:
         memory_budget_gb=float(budget) if budget is not None else None,
         host=str(_flag(args.host, "HOST", "0.0.0.0" if on_spaces else "127.0.0.1")),
         port=int(port),
-        max_upload_mb=float(_flag(args.max_upload_mb, "MAX_UPLOAD_MB", 20.0)),
+        max_upload_mb=max_upload_mb,
+        # one limit: gradio answers 413 above it, and load_image refuses the same size
+        image_limits=ImageLimits(max_bytes=int(max_upload_mb * 1024 * 1024)),
+        rate_limit_per_minute=int(_flag(args.rate_limit, "RATE_LIMIT", 30)),
         queue_size=int(_flag(args.queue_size, "QUEUE_SIZE", 32)),
         auth=auth,
         limits=limits,

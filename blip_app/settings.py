@@ -111,7 +111,7 @@ class Limits:
 
 
 # (low, high, type) per setting; bounds are inclusive unless named in _OPEN_LOW.
-_RANGES: dict[str, tuple[float, float, type]] = {
+RANGES: dict[str, tuple[float, float, type]] = {
     "max_new_tokens": (1, math.inf, int),
     "min_new_tokens": (0, math.inf, int),
     "num_beams": (1, math.inf, int),
@@ -133,7 +133,7 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, (int, float)) and value in (0, 1):
             return bool(value)
         raise SettingsError(f"do_sample must be true or false, not {value!r}.")
-    low, high, kind = _RANGES[name]
+    low, high, kind = RANGES[name]
     try:
         if isinstance(value, bool):
             raise TypeError

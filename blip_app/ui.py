@@ -45,6 +45,7 @@ from .config import AppConfig  # noqa: E402
 from .errors import BadImageError, BlipAppError, CancelledError, user_message  # noqa: E402
 from .images import ImageLimits, image_digest, install_pillow_limits, load_image  # noqa: E402
 from .manager import ModelState  # noqa: E402
+from .ratelimit import RateLimiter  # noqa: E402
 from .service import Service  # noqa: E402
 from .settings import PRESET_HELP, Limits, Preset, Task, preset_settings  # noqa: E402
 
@@ -295,6 +296,24 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
 
 
+def client_key(request: gr.Request | None) -> str:
+    """Who is asking, for the rate limit: the logged-in user, else the client's address.
+
+    On a Space the app sits behind Hugging Face's proxy, which sets X-Forwarded-For; elsewhere that
+    header is ignored, since any client could write it.
+    """
+    if request is None:
+        return "anonymous"
+    if getattr(request, "username", None):
+        return f"user:{request.username}"
+    if os.environ.get("SPACE_ID"):
+        forwarded = (request.headers or {}).get("x-forwarded-for", "")
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or "anonymous"
+
+
 # --------------------------------------------------------------------------------------------------
 # Components that several handlers fill
 
@@ -392,9 +411,10 @@ def inspector() -> Inspector:
 class Handlers:
     """The functions behind the page's events. Each takes and returns plain values."""
 
-    def __init__(self, service: Service, image_limits: ImageLimits) -> None:
+    def __init__(self, service: Service, image_limits: ImageLimits, limiter: RateLimiter) -> None:
         self.service = service
         self.image_limits = image_limits
+        self.limiter = limiter
         self.running = _Running()
 
     # ---------------------------------------------------------------- shared pieces
@@ -460,7 +480,7 @@ class Handlers:
                   progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> Iterator[tuple[Any, ...]]:
         """Event: answer a new message, streaming the answer (beam search shows a placeholder instead)."""
         yield from _settling(self._chat_turn(message, chat, chat, image, model, settings, _session(request),
-                                             progress))
+                                             progress, client_key(request)))
 
     def chat_regenerate(self, chat: dict[str, Any], image: Any, model: str, request: gr.Request,
                         progress: gr.Progress = gr.Progress(track_tqdm=True),
@@ -499,9 +519,11 @@ class Handlers:
         return self._preview(Task.CHAT, model, settings, progress, question=message or "…", history=turns)
 
     def _chat_turn(self, message: str, chat: dict[str, Any], original: dict[str, Any], image: Any, model: str,
-                   settings: Mapping[str, Any], session: str, progress: gr.Progress) -> Iterator[tuple[Any, ...]]:
+                   settings: Mapping[str, Any], session: str, progress: gr.Progress,
+                   client: str) -> Iterator[tuple[Any, ...]]:
         """Answer ``message`` after ``chat``'s turns; on any failure show ``original`` again, unchanged."""
         try:
+            self.limiter.check(client)
             picture = self.picture(image)
             digest = image_digest(picture)
             if digest != chat.get("image"):  # the image changed under a running page: a new conversation
@@ -560,13 +582,13 @@ class Handlers:
                     progress: gr.Progress = gr.Progress(track_tqdm=True),
                     **settings: Any) -> Iterator[tuple[Any, ...]]:
         """Event: caption the image."""
-        yield from self._single(Task.CAPTION, image, model, settings, _session(request), progress,
+        yield from self._single(Task.CAPTION, image, model, settings, request, progress,
                                 detailed=style == "detailed")
 
     def run_ask(self, question: str, short: bool, image: Any, model: str, request: gr.Request,
                 progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> Iterator[tuple[Any, ...]]:
         """Event: answer a question about the image."""
-        yield from self._single(Task.ANSWER, image, model, settings, _session(request), progress,
+        yield from self._single(Task.ANSWER, image, model, settings, request, progress,
                                 question=question, short=bool(short))
 
     def caption_preview(self, model: str, style: str, progress: gr.Progress = gr.Progress(track_tqdm=True),
@@ -579,10 +601,12 @@ class Handlers:
         """Event: show the question's prompt without generating."""
         return self._preview(Task.ANSWER, model, settings, progress, question=question, short=bool(short))
 
-    def _single(self, task: Task, image: Any, model: str, settings: Mapping[str, Any], session: str,
+    def _single(self, task: Task, image: Any, model: str, settings: Mapping[str, Any], request: gr.Request,
                 progress: gr.Progress, **inputs: Any) -> Iterator[tuple[Any, ...]]:
         """Run a caption or an answer into the tab's output box: (output, run button, stop button, prompt, stats)."""
+        session = _session(request)
         try:
+            self.limiter.check(client_key(request))
             picture = self.picture(image)
             preset, overrides = split_settings(task, settings)
             request = self.service.request(task, preset=preset, overrides=overrides, **inputs)
@@ -671,8 +695,12 @@ def _single_view(output: Any = None, *, busy: bool = False, prompt: Any = None, 
 # The API for scripts
 
 
-def add_api(service: Service, image_limits: ImageLimits, default_model: str) -> None:
-    """Register /caption, /answer, /chat and /models (typed from the hints below) in the current Blocks."""
+def add_api(service: Service, image_limits: ImageLimits, default_model: str, limiter: RateLimiter) -> None:
+    """Register /caption, /answer, /chat and /models (typed from the hints below) in the current Blocks.
+
+    Each function also takes the ``gr.Request`` (gradio fills it in; it is not an API parameter) for the
+    per-client rate limit.
+    """
 
     def decode(image: Any) -> Any:
         return load_image(uploaded_path(image), image_limits)
@@ -689,9 +717,10 @@ def add_api(service: Service, image_limits: ImageLimits, default_model: str) -> 
                 max_new_tokens: int | None = None, min_new_tokens: int | None = None,
                 num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                 top_p: float | None = None, repetition_penalty: float | None = None,
-                length_penalty: float | None = None, detailed: bool = False) -> str:
+                length_penalty: float | None = None, detailed: bool = False, request: gr.Request = None) -> str:
         """Caption an image. Send the image with gradio_client.handle_file(path)."""
         try:
+            limiter.check(client_key(request))
             request = service.request(Task.CAPTION, preset=preset, detailed=detailed, overrides=overrides(
                 max_new_tokens, min_new_tokens, num_beams, do_sample, temperature, top_p, repetition_penalty,
                 length_penalty))
@@ -703,9 +732,10 @@ def add_api(service: Service, image_limits: ImageLimits, default_model: str) -> 
                max_new_tokens: int | None = None, min_new_tokens: int | None = None,
                num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                top_p: float | None = None, repetition_penalty: float | None = None,
-               length_penalty: float | None = None, short: bool = False) -> str:
+               length_penalty: float | None = None, short: bool = False, request: gr.Request = None) -> str:
         """Answer a question about an image."""
         try:
+            limiter.check(client_key(request))
             request = service.request(Task.ANSWER, question=question, preset=preset, short=short,
                                       overrides=overrides(max_new_tokens, min_new_tokens, num_beams, do_sample,
                                                           temperature, top_p, repetition_penalty, length_penalty))
@@ -717,9 +747,10 @@ def add_api(service: Service, image_limits: ImageLimits, default_model: str) -> 
              preset: PresetName = "standard", max_new_tokens: int | None = None, min_new_tokens: int | None = None,
              num_beams: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
              top_p: float | None = None, repetition_penalty: float | None = None,
-             length_penalty: float | None = None) -> str:
+             length_penalty: float | None = None, request: gr.Request = None) -> str:
         """Answer the newest message of a conversation about an image. history: [[user, assistant], ...]."""
         try:
+            limiter.check(client_key(request))
             request = service.request(Task.CHAT, question=message, history=history or (), preset=preset,
                                       overrides=overrides(max_new_tokens, min_new_tokens, num_beams, do_sample,
                                                           temperature, top_p, repetition_penalty, length_penalty))
@@ -755,12 +786,13 @@ def _examples(image: Any, message: Any, question: Any) -> None:
 
 def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
     """The whole app as a gr.Blocks (nothing is loaded or launched here)."""
-    handlers = Handlers(service, config.image_limits)
+    limiter = RateLimiter(config.rate_limit_per_minute)
+    handlers = Handlers(service, config.image_limits, limiter)
     states = service.models()
     ages = config.delete_uploads_after_s
     with gr.Blocks(title=f"{TITLE} · BLIP-2 and InstructBLIP", analytics_enabled=False, fill_width=True,
                    delete_cache=(min(ages, 600), ages) if ages > 0 else None) as demo:
-        add_api(service, config.image_limits, config.default_model)  # first: the API owns its names
+        add_api(service, config.image_limits, config.default_model, limiter)  # first: the API owns its names
         gr.Markdown(f"# {TITLE}\n{TAGLINE}", elem_id="header")
         with gr.Row(equal_height=True):
             model = gr.Dropdown(model_choices(states), value=config.default_model, label="Model", scale=2,

@@ -52,6 +52,8 @@ def running_app(models: Sequence[str | os.PathLike[str]], *extra_flags: str,
     """
     flags = [flag for model in models for flag in ("--model", str(model))]
     flags += ["--host", "127.0.0.1", "--offline", *extra_flags]
+    if "--rate-limit" not in extra_flags:
+        flags += ["--rate-limit", "0"]  # tests send many requests from one address
     with _pillow_globals_restored():
         yield from _serve(flags, cache_dir)
 

@@ -168,9 +168,10 @@ def _no_progress(*args, **kwargs) -> None:
 @pytest.fixture()
 def handlers(app: RunningApp):
     from blip_app.images import ImageLimits
+    from blip_app.ratelimit import RateLimiter
     from blip_app.ui import Handlers
 
-    return Handlers(app.service, ImageLimits())
+    return Handlers(app.service, ImageLimits(), RateLimiter(0))
 
 
 @pytest.fixture()
@@ -225,3 +226,17 @@ def test_an_error_keeps_the_history(handlers, uploaded: dict) -> None:
     final = _views(handlers, "What is it?", chat, uploaded, "no-such-model")[-1]
     chatbot, state, _, message = final[:4]
     assert state["turns"] == [["hi", "hello"]] and len(chatbot) == 2 and message == "What is it?"
+
+
+def test_a_client_over_its_rate_limit_is_told_to_wait(tiny_checkpoints, tmp_path: Path) -> None:
+    model = str(tiny_checkpoints["blip2-opt"])
+    picture = tmp_path / "red.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(picture)
+    with running_app([model], "--rate-limit", "3") as running:  # a burst of one, then one every 20 s
+        client = Client(running.url, verbose=False)
+        assert isinstance(client.predict(handle_file(str(picture)), model, "fast", api_name="/caption"), str)
+        with pytest.raises(AppError, match="sending requests too quickly; please wait"):
+            client.predict(handle_file(str(picture)), model, "fast", api_name="/caption")
+        assert client.predict(api_name="/models")  # listing models is not limited
