@@ -493,7 +493,7 @@ class Handlers:
             return
         earlier = {**chat, "turns": turns[:-1]}
         yield from _settling(self._chat_turn(turns[-1][0], earlier, chat, image, model, settings,
-                                             _session(request), progress))
+                                             _session(request), progress, client_key(request)))
 
     def history_buttons(self, chat: dict[str, Any]) -> tuple[Any, Any, Any]:
         """Event (after each answer has completed): Regenerate, Undo and Clear work when there are turns."""
