@@ -31,7 +31,7 @@ def create_app(config: AppConfig, *, manager: ModelManager | None = None) -> tup
     from blip_app.service import Service
 
     service = Service(
-        config.models,
+        config.offered_models,  # the captioning models and the image-text matching model (trust, search)
         config.load,
         memory_budget_gb=config.memory_budget_gb,
         limits=config.limits,

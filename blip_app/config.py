@@ -17,6 +17,9 @@ from .settings import Limits
 
 # Offered when no --model is given: small enough for a CPU or a free GPU, one of each family.
 DEFAULT_MODELS = ("blip2-opt-2.7b", "blip2-flan-t5-xl", "instructblip-flan-t5-xl", "instructblip-vicuna-7b")
+# The image-text matching model behind trust scores and search: retrieval.DEFAULT_RETRIEVAL_MODEL, written
+# out here because this module imports no torch (tests check that the two agree).
+DEFAULT_TRUST_MODEL = "blip2-itm-vit-g"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,15 @@ class AppConfig:
     rate_limit_per_minute: int = 30
     preload: bool = False  # load the default model at start-up instead of on first use
     delete_uploads_after_s: int = 3600
+    # Trust scores and search: the image-text matching model, offered beside the captioning models (None: off).
+    trust_model: str | None = DEFAULT_TRUST_MODEL
+    trust: bool = True  # score every caption and answer in the Caption and Ask tabs
+    max_batch_images: int = 100  # images one Batch run in the page may caption
+
+    @property
+    def offered_models(self) -> tuple[str, ...]:
+        """Every model the service offers: the captioning models, then the image-text matching one."""
+        return self.models + ((self.trust_model,) if self.trust_model else ())
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -75,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="never download; local cache and folders only [BLIP_APP_OFFLINE=1, HF_HUB_OFFLINE=1]")
     parser.add_argument("--rate-limit", type=int,
                         help="requests a minute per client, 0 for no limit (default 30) [BLIP_APP_RATE_LIMIT]")
+    parser.add_argument("--delete-uploads-after", type=int, metavar="SECONDS",
+                        help="delete uploaded images this long after they arrive; 0 keeps them "
+                             "(default 3600) [BLIP_APP_DELETE_UPLOADS_AFTER]")
+    parser.add_argument("--trust-model", metavar="NAME_OR_PATH",
+                        help=f"image-text matching model for trust scores and search (default {DEFAULT_TRUST_MODEL}); "
+                             "'none' turns both off [BLIP_APP_TRUST_MODEL]")
+    parser.add_argument("--trust", choices=("on", "off"),
+                        help="score every caption and answer (default on; 'off' keeps the search tab and the "
+                             "/trust endpoint) [BLIP_APP_TRUST]")
+    parser.add_argument("--max-batch-images", type=int,
+                        help="images one Batch run in the page may caption (default 100) [BLIP_APP_MAX_BATCH_IMAGES]")
     return parser
 
 
@@ -116,6 +139,18 @@ def parse_config(argv: Sequence[str] | None = None) -> AppConfig:
         max_new_tokens=int(_flag(args.max_new_tokens_cap, "MAX_NEW_TOKENS_CAP", Limits.max_new_tokens)),
         num_beams=int(_flag(args.beams_cap, "BEAMS_CAP", Limits.num_beams)),
     )
+    trust_model: str | None = str(_flag(args.trust_model, "TRUST_MODEL", DEFAULT_TRUST_MODEL)).strip()
+    if trust_model.lower() in ("", "none", "off"):
+        trust_model = None
+    elif trust_model in models:
+        parser.error(f"--trust-model {trust_model} is also offered as a captioning model (--model); an image-text "
+                     "matching model cannot caption")
+    trust = str(_flag(args.trust, "TRUST", "on")).strip().lower()
+    if trust not in ("on", "off", "1", "0", "true", "false", "yes", "no"):
+        parser.error("BLIP_APP_TRUST must be on or off")
+    max_batch_images = int(_flag(args.max_batch_images, "MAX_BATCH_IMAGES", 100))
+    if max_batch_images < 1:
+        parser.error("--max-batch-images must be at least 1")
     port = _flag(args.port, "PORT", os.environ.get("GRADIO_SERVER_PORT", "7860"))
     max_upload_mb = float(_flag(args.max_upload_mb, "MAX_UPLOAD_MB", 20.0))
     return AppConfig(
@@ -134,4 +169,20 @@ def parse_config(argv: Sequence[str] | None = None) -> AppConfig:
         limits=limits,
         time_limit_s=float(_flag(args.time_limit, "TIME_LIMIT", 300.0)),
         preload=_truthy(_flag(args.preload, "PRELOAD", "0")),
+        delete_uploads_after_s=_seconds(parser, "--delete-uploads-after",
+                                        _flag(args.delete_uploads_after, "DELETE_UPLOADS_AFTER", 3600)),
+        trust_model=trust_model,
+        trust=trust_model is not None and (trust == "on" or _truthy(trust)),
+        max_batch_images=max_batch_images,
     )
+
+
+def _seconds(parser: argparse.ArgumentParser, flag: str, value: object) -> int:
+    """A whole, non-negative number of seconds, or a usage error naming the flag."""
+    try:
+        number = int(str(value))
+    except ValueError:
+        parser.error(f"{flag} must be a whole number of seconds, not {value!r}")
+    if number < 0:
+        parser.error(f"{flag} must be 0 or more seconds")
+    return number

@@ -1,7 +1,8 @@
 """The web app: caption, question answering and chat about one image, on BLIP-2 and InstructBLIP.
 
-The only module that imports gradio. :func:`build_ui` builds the page and the four API endpoints for
-scripts (``/caption``, ``/answer``, ``/chat``, ``/models``); :func:`launch` starts the server. The
+With blip_app/ui_extra.py, the only modules that import gradio. :func:`build_ui` builds the page and the
+API endpoints for scripts (``/caption``, ``/answer``, ``/chat``, ``/models`` here; ``/trust``, ``/search``,
+``/embed`` and the Compare, Search and Batch tabs in ui_extra); :func:`launch` starts the server. The
 Service validates every request, picks the model and runs it; nothing here branches on a model family.
 
 How this module keeps its promises:
@@ -238,6 +239,13 @@ def model_status(states: Sequence[ModelState], name: str) -> str:
     return "Choose a model."
 
 
+def captioning_states(service: Service) -> list[ModelState]:
+    """The offered models that caption and answer (the picker, /models): the image-text matching model is left out."""
+    from .ui_extra import captioning_only  # ui_extra imports this module
+
+    return captioning_only(service, service.models())
+
+
 def chat_messages(turns: Sequence[Sequence[str]], pending: tuple[str, str] | None = None) -> list[dict[str, str]]:
     """Chatbot messages for the finished turns and, while an answer is being written, the pending one."""
     messages = []
@@ -425,7 +433,7 @@ class Handlers:
 
     def models_view(self, model: str) -> tuple[Any, str]:
         """The model picker's choices and the chosen model's status line."""
-        states = self.service.models()
+        states = captioning_states(self.service)
         return gr.Dropdown(choices=model_choices(states)), model_status(states, model)
 
     def refresh_models(self, model: str) -> tuple[Any, str]:
@@ -761,13 +769,13 @@ def add_api(service: Service, image_limits: ImageLimits, default_model: str, lim
     def models() -> list[dict[str, str]]:
         """The offered models: name, label, family, state, detail, description."""
         try:
-            return [asdict(state) for state in service.models()]
+            return [asdict(state) for state in captioning_states(service)]
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
 
-    gr.api(spaces.GPU(caption), api_name="caption")
-    gr.api(spaces.GPU(answer), api_name="answer")
-    gr.api(spaces.GPU(chat), api_name="chat")
+    gr.api(_stops_when_abandoned(spaces.GPU(caption)), api_name="caption")
+    gr.api(_stops_when_abandoned(spaces.GPU(answer)), api_name="answer")
+    gr.api(_stops_when_abandoned(spaces.GPU(chat)), api_name="chat")
     gr.api(models, api_name="models", concurrency_limit=None)
 
 
@@ -786,13 +794,17 @@ def _examples(image: Any, message: Any, question: Any) -> None:
 
 def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
     """The whole app as a gr.Blocks (nothing is loaded or launched here)."""
+    from . import ui_extra  # it imports this module
+
     limiter = RateLimiter(config.rate_limit_per_minute)
     handlers = Handlers(service, config.image_limits, limiter)
-    states = service.models()
+    extras = ui_extra.Extras(service, config, limiter)  # trust lines, chat files, Search, Batch, Compare
+    states = captioning_states(service)
     ages = config.delete_uploads_after_s
     with gr.Blocks(title=f"{TITLE} · BLIP-2 and InstructBLIP", analytics_enabled=False, fill_width=True,
                    delete_cache=(min(ages, 600), ages) if ages > 0 else None) as demo:
         add_api(service, config.image_limits, config.default_model, limiter)  # first: the API owns its names
+        ui_extra.add_extra_api(service, config, limiter)  # /trust, /search, /embed
         gr.Markdown(f"# {TITLE}\n{TAGLINE}", elem_id="header")
         with gr.Row(equal_height=True):
             model = gr.Dropdown(model_choices(states), value=config.default_model, label="Model", scale=2,
@@ -808,15 +820,24 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                 with gr.Tabs():
                     with gr.Tab("Chat", id="chat"):
                         chat = _chat_tab(handlers, service.limits, image, model, status)
+                        extras.chat_files(chat, image, model, status)
                     with gr.Tab("Caption", id="caption"):
-                        captioned = _caption_tab(handlers, service.limits, image, model, status)
+                        captioned = _caption_tab(handlers, service.limits, image, model, status, extras)
                     with gr.Tab("Ask", id="ask"):
-                        ask = _ask_tab(handlers, service.limits, image, model, status)
+                        ask = _ask_tab(handlers, service.limits, image, model, status, extras)
+                    with gr.Tab("Compare", id="compare"):
+                        extras.compare_tab(image)
+                    if config.trust_model:
+                        with gr.Tab("Search", id="search"):
+                            extras.search_tab()
+                    with gr.Tab("Batch", id="batch"):
+                        extras.batch_tab(model)
         with left:
             _examples(image, chat["message"], ask["question"])
-        image.change(handlers.on_image, [image, chat["state"]],
-                     [image, chat["state"], chat["chatbot"], chat["note"], *chat["history_buttons"]],
-                     preprocess=False, **LIGHT)
+        changed = image.change(handlers.on_image, [image, chat["state"]],
+                               [image, chat["state"], chat["chatbot"], chat["note"], *chat["history_buttons"]],
+                               preprocess=False, **LIGHT)
+        extras.after_new_image(changed)  # a loaded conversation goes on once its picture is back
         model.select(spaces.GPU(handlers.load_model), model, [model, status], show_progress_on=[status], **PRIVATE)
         demo.load(handlers.refresh_models, model, [model, status], **LIGHT)
         for event in [*chat["events"], captioned, ask["event"]]:
@@ -872,10 +893,10 @@ def _chat_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status
     inspect.preview.click(handlers.chat_preview, [message, state, image, model], [inspect.prompt, inspect.stats],
                           preprocess=False, inputs_kwargs=settings, **PRIVATE)
     return {"state": state, "chatbot": chatbot, "note": note, "message": message,
-            "history_buttons": [regenerate, undo, clear], "events": [sent, again]}
+            "history_buttons": [regenerate, undo, clear], "events": [sent, again], "settings": settings}
 
 
-def _caption_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any) -> Any:
+def _caption_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any, extras: Any = None) -> Any:
     style = gr.Radio([("Short caption", "short"), ("Detailed description", "detailed")], value="short",
                      label="Style", info="Detailed also switches the decoding preset to 'detailed'.")
     with gr.Row():
@@ -883,6 +904,7 @@ def _caption_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, sta
         stop = gr.Button("Stop", variant="stop", visible=False)
     output = gr.Textbox(label="Caption", lines=3, interactive=False, buttons=["copy"], elem_id="caption-output",
                         placeholder="Upload an image, then press Caption.")
+    trust = extras.trust_line("caption-trust") if extras else None  # "Confidence: likely" (ui_extra)
     panel = settings_panel(Task.CAPTION, limits)
     inspect = inspector()
 
@@ -893,12 +915,15 @@ def _caption_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, sta
                       inputs_kwargs=panel.controls, show_progress_on=[status], trigger_mode="always_last",
                       **PRIVATE)
     stop.click(_stop_fn(handlers, Task.CAPTION), None, None, **_STOP)
+    if trust is not None:
+        extras.wire_trust(trust, [run.click], event, Task.CAPTION, image, output)
     inspect.preview.click(handlers.caption_preview, [model, style], [inspect.prompt, inspect.stats],
                           preprocess=False, inputs_kwargs=panel.controls, **PRIVATE)
     return event
 
 
-def _ask_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any) -> dict[str, Any]:
+def _ask_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any,
+            extras: Any = None) -> dict[str, Any]:
     question = gr.Textbox(label="Question", placeholder="What is the cat doing?", lines=1, max_lines=4,
                           max_length=handlers.service.max_message_chars, elem_id="question")
     short = gr.Checkbox(label="Short answer (a word or two, as in VQA benchmarks)", value=False)
@@ -907,6 +932,7 @@ def _ask_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status:
         stop = gr.Button("Stop", variant="stop", visible=False)
     output = gr.Textbox(label="Answer", lines=2, interactive=False, buttons=["copy"], elem_id="answer-output",
                         placeholder="Upload an image, type a question, then press Ask.")
+    trust = extras.trust_line("answer-trust") if extras else None  # "Confidence: likely" (ui_extra)
     panel = settings_panel(Task.ANSWER, limits)
     inspect = inspector()
 
@@ -915,6 +941,8 @@ def _ask_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status:
                   outputs, preprocess=False, inputs_kwargs=panel.controls, show_progress_on=[status],
                   trigger_mode="always_last", **PRIVATE)
     stop.click(_stop_fn(handlers, Task.ANSWER), None, None, **_STOP)
+    if trust is not None:
+        extras.wire_trust(trust, [run.click, question.submit], event, Task.ANSWER, image, output, question)
     inspect.preview.click(handlers.ask_preview, [question, short, model], [inspect.prompt, inspect.stats],
                           preprocess=False, inputs_kwargs=panel.controls, **PRIVATE)
     return {"event": event, "question": question}
@@ -924,11 +952,128 @@ def _ask_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status:
 # Serving
 
 
+BUSY_MESSAGE = "The server is busy: too many requests are already waiting. Please try again in a minute."
+# gradio's file route fetches any public http(s) URL for anyone (route_utils.secure_url_stream_response);
+# this app never serves remote files, so the server is no one's proxy.
+_REMOTE_FILE = re.compile(r"/gradio_api/file[=/]+\s*[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+
+
+def _stops_when_abandoned(fn: Any) -> Any:
+    """An API function whose generation stops when its client cancels or goes away.
+
+    gradio runs a plain function in a worker thread, and when the client cancels (gradio_client's
+    ``Job.cancel``: POST /cancel) or its event stream closes, it only drops the result: the thread
+    would go on generating on the device. The function runs here in a worker thread under a cancel
+    event (``service.cancelled_by``) that is set when gradio cancels this task or marks its queue
+    event dead, so the generation stops at its next token and a waiting one never starts.
+    """
+    import asyncio
+    import functools
+
+    import anyio
+
+    from .service import cancelled_by
+
+    @functools.wraps(fn)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        cancel = threading.Event()
+
+        def work() -> Any:
+            with cancelled_by(cancel):
+                return fn(*args, **kwargs)
+
+        event = _queue_event([*args, *kwargs.values()])
+        watcher = asyncio.create_task(_watch_event(event, cancel)) if event is not None else None
+        try:
+            return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except BaseException:
+            cancel.set()  # cancelled by gradio (or already finished with an error: then a no-op)
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    return run
+
+
+def _queue_event(args: Sequence[Any]) -> Any:
+    """The gradio queue event the running task serves (its name carries the event id), or None."""
+    import asyncio
+
+    task = asyncio.current_task()
+    _, sep, event_id = (task.get_name() if task is not None else "").partition("<gradio-sep>")
+    request = next((arg for arg in args if isinstance(arg, gr.Request)), None)
+    try:
+        queue = request.app.get_blocks()._queue  # type: ignore[union-attr]
+        return queue.event_ids_to_events.get(event_id) if sep else None
+    except Exception:  # noqa: BLE001 - no request or another gradio: task cancellation still works
+        return None
+
+
+async def _watch_event(event: Any, cancel: threading.Event, every: float = 0.2) -> None:
+    """Set ``cancel`` once gradio marks ``event`` dead (its client's event stream closed)."""
+    import asyncio
+
+    while not cancel.is_set():
+        if not getattr(event, "alive", True) or getattr(event, "closed", False):
+            log.info("A client went away: stopping its request")
+            cancel.set()
+            return
+        await asyncio.sleep(every)
+
+
+class _Guard:
+    """ASGI middleware in front of gradio's routes.
+
+    - ``/gradio_api/file=<URL>`` (and the older ``/file/<URL>``) is refused: gradio would fetch any
+      public URL for any caller; this app serves only its own files.
+    - A full queue's 503 (``/queue/join``, ``/call/...``) carries :data:`BUSY_MESSAGE`, a sentence for
+      people, instead of gradio's "Queue is full. Max size is N and size is N.".
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if _REMOTE_FILE.search(path):
+            await _send_json(send, 403, {"detail": "File not allowed: this server serves only its own files."})
+            return
+        if not (path.endswith("/queue/join") or "/call/" in path):
+            await self.app(scope, receive, send)
+            return
+        busy = False
+
+        async def relay(message: dict[str, Any]) -> None:
+            nonlocal busy
+            if message["type"] == "http.response.start" and message.get("status") == 503:
+                busy = True
+                await _send_json(send, 503, {"detail": BUSY_MESSAGE})
+            elif not busy:
+                await send(message)
+
+        await self.app(scope, receive, relay)
+
+
+async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
+    import json
+
+    body = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = False, quiet: bool = False) -> str:
     """Apply the image limits, configure the queue and serve ``demo``; returns the local URL.
 
     Blocks until the server stops unless ``prevent_thread_lock``.
     """
+    from starlette.middleware import Middleware
+
     install_pillow_limits(config.image_limits)
     demo.queue(max_size=config.queue_size, default_concurrency_limit=CONCURRENCY, api_open=False)
     _, url, _ = demo.launch(
@@ -939,6 +1084,8 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
         show_error=False,
         ssr_mode=False,
         mcp_server=False,
+        enable_monitoring=False,  # gradio's default (None) serves /monitoring to anyone holding its key
+        app_kwargs={"middleware": [Middleware(_Guard)]},
         run_history=False,  # would keep every image and chat in the browser's storage
         footer_links=["api", "gradio", "settings"],
         prevent_thread_lock=prevent_thread_lock,
