@@ -347,6 +347,8 @@ class _Batcher:
         lock = DEVICE_LOCKS.get(self.model.plan.device)
         deadline = None if lock_timeout is None else time.monotonic() + lock_timeout
         while not job.done.is_set():
+            if job.cancel.is_set() and self._withdraw(job, settings):  # cancelled while waiting: leave now
+                raise CancelledError("The request was cancelled before it started.")
             wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
             if lock.acquire(timeout=wait):
                 try:
@@ -363,6 +365,14 @@ class _Batcher:
                         self._pending.remove((job, settings))
                         raise BusyError("The model is busy with other requests; please try again in a moment.")
 
+    def _withdraw(self, job: _Job, settings: GenerationSettings) -> bool:
+        """Take ``job`` out of the queue if no one has started it yet; returns whether it was."""
+        with self._guard:
+            if (job, settings) in self._pending:
+                self._pending.remove((job, settings))
+                return True
+        return False
+
     def _take(self, job: _Job, settings: GenerationSettings) -> list[_Job]:
         """Queued jobs to run now with ``settings``: this caller's own job, if still queued, and its peers."""
         with self._guard:
@@ -371,6 +381,23 @@ class _Batcher:
             batch = [queued for queued, s in self._pending if s == settings][: self.model.max_batch]
             self._pending = [(q, s) for q, s in self._pending if q not in batch]
         return batch
+
+
+def _acquire(lock: threading.Lock, cancel: threading.Event, timeout: float | None) -> bool:
+    """Wait for ``lock`` (at most ``timeout`` seconds); a request cancelled meanwhile stops waiting.
+
+    Returns whether the lock was taken; raises CancelledError once ``cancel`` is set, so that a client
+    that went away leaves no thread waiting for the device.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+        if lock.acquire(timeout=wait):
+            return True
+        if cancel.is_set():
+            raise CancelledError("The request was cancelled before it started.")
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
 
 
 class PrefixCache:
@@ -675,7 +702,7 @@ class LoadedModel:
             self._batcher.submit(job, settings, lock_timeout)
         else:
             lock = DEVICE_LOCKS.get(self.plan.device)
-            if not lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout):
+            if not _acquire(lock, job.cancel, lock_timeout):
                 raise BusyError("The model is busy with other requests; please try again in a moment.")
             try:
                 self._run([job], settings, on_text)

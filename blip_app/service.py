@@ -7,6 +7,9 @@ engine and the prompt styles carry that knowledge.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -18,6 +21,26 @@ from .errors import BadImageError
 from .manager import ModelManager, ModelState
 from .prompts import Turn, clean_text
 from .settings import Limits, Preset, Task, resolve_settings
+
+# A conversation's turns kept at most: more than any context holds (a formatted turn takes at least
+# about 7 tokens, and the largest context 2,048).
+MAX_HISTORY_TURNS = 500
+
+# The cancel event of the request this thread is serving, for callers that cannot pass one down (the
+# API functions, whose client may cancel or go away: see ui._stops_when_abandoned).
+_REQUEST_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "blip_app_request_cancel", default=None)
+
+
+@contextlib.contextmanager
+def cancelled_by(cancel: threading.Event) -> Iterator[threading.Event]:
+    """Within this block (and in threads started with a copy of its context), ``Service.run`` and
+    ``Service.stream`` stop at the next token once ``cancel`` is set, unless given their own event."""
+    token = _REQUEST_CANCEL.set(cancel)
+    try:
+        yield cancel
+    finally:
+        _REQUEST_CANCEL.reset(token)
 
 
 class Service:
@@ -68,10 +91,17 @@ class Service:
         if task is not Task.CAPTION:
             question = clean_text(question, what="question" if task is Task.ANSWER else "message",
                                   max_chars=self.max_message_chars)
-        turns = tuple(_turn(item, self.max_message_chars) for item in history)
+        if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+            from .errors import BadInputError
+
+            raise BadInputError("The history must be a list of [question, answer] pairs.")
+        # Turns older than the newest MAX_HISTORY_TURNS can never fit a context; they are neither
+        # cleaned nor tokenised (a client could send 200,000 of them), and count as dropped.
+        older = max(0, len(history) - MAX_HISTORY_TURNS)
+        turns = tuple(_turn(item, self.max_message_chars) for item in history[older:])
         resolve_settings(task, preset, overrides, limits=self.limits)  # fail fast, before loading a model
         return {"task": task, "question": question, "history": turns, "preset": preset,
-                "overrides": dict(overrides or {}), "short": short, "detailed": detailed}
+                "overrides": dict(overrides or {}), "short": short, "detailed": detailed, "older_turns": older}
 
     def _prepare(self, loaded: Any, request: Mapping[str, Any]):
         if not hasattr(loaded, "prepare"):
@@ -84,11 +114,16 @@ class Service:
         prepared = loaded.prepare(request["task"], question=request["question"], history=request["history"],
                                   short=request["short"], detailed=request["detailed"],
                                   max_new_tokens=settings.max_new_tokens)
+        if request.get("older_turns"):
+            plan = prepared.prompt
+            prepared = dataclasses.replace(prepared, prompt=dataclasses.replace(
+                plan, dropped_turns=plan.dropped_turns + request["older_turns"]))
         return prepared, settings
 
     def run(self, model: str, image: Image.Image, request: Mapping[str, Any], *,
             cancel: threading.Event | None = None):
         """Run a validated request to the end and return the engine's Reply."""
+        cancel = cancel or _REQUEST_CANCEL.get()
         image = _checked(image)
         with self.manager.use(model) as loaded:
             prepared, settings = self._prepare(loaded, request)
@@ -97,6 +132,7 @@ class Service:
     def stream(self, model: str, image: Image.Image, request: Mapping[str, Any], *,
                cancel: threading.Event | None = None) -> Iterator[Any]:
         """Yield Replies with the text so far, then the final one. Beam search yields only the final one."""
+        cancel = cancel or _REQUEST_CANCEL.get()
         image = _checked(image)
         with self.manager.use(model) as loaded:
             prepared, settings = self._prepare(loaded, request)
