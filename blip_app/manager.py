@@ -72,6 +72,7 @@ class ModelManager:
         self._parked: dict[str, Any] = {}  # name -> LoadedModel moved to CPU RAM
         self._users: dict[str, int] = {}
         self._loading: dict[str, threading.Lock] = {}
+        self._reserved: dict[str, int] = {}  # bytes promised to loads in flight, by model name
         self._lock = threading.RLock()
         self._released = threading.Condition(self._lock)
         self._budget_bytes = int(memory_budget_gb * GB) if memory_budget_gb else None
@@ -152,7 +153,12 @@ class ModelManager:
                     if hold:
                         self._users[name] = self._users.get(name, 0) + 1
                     return model
-            model = self._bring_back(name) or self._load(ref)
+            try:
+                model = self._bring_back(name) or self._load(ref)
+            finally:
+                with self._lock:
+                    self._reserved.pop(name, None)  # the model now counts itself, or failed to load
+                    self._released.notify_all()
             with self._lock:
                 self._loaded[name] = model
                 self._loaded.move_to_end(name)
@@ -225,14 +231,20 @@ class ModelManager:
         return int(psutil.virtual_memory().total * 0.8)
 
     def _make_room(self, need: int, *, exclude: str) -> list[tuple[str, Any]]:
-        """Evict least recently used models not in use until ``need`` bytes fit the budget."""
+        """Evict least recently used models not in use until ``need`` bytes fit the budget, then reserve them.
+
+        Loads in flight count with the bytes reserved for them, so two models loading at once never
+        overcommit the budget together; the reservation ends when the model is in (see ``get``).
+        """
         budget = self._budget()
         evicted: list[tuple[str, Any]] = []
         deadline = time.monotonic() + self._busy_timeout_s
         with self._lock:
             while True:
-                used = sum(_footprint(m) for m in self._loaded.values())
+                in_flight = sum(size for name, size in self._reserved.items() if name != exclude)
+                used = sum(_footprint(m) for m in self._loaded.values()) + in_flight
                 if used + need <= budget:
+                    self._reserved[exclude] = need
                     return evicted
                 idle = [n for n in self._loaded if n != exclude and self._users.get(n, 0) == 0]
                 if idle:
@@ -240,7 +252,8 @@ class ModelManager:
                     model = self._loaded.pop(name)
                     evicted.append((name, self._park(name, model)))
                     continue
-                if not any(self._users.get(n, 0) for n in self._loaded):
+                if not in_flight and not any(self._users.get(n, 0) for n in self._loaded):
+                    self._reserved[exclude] = need
                     return evicted  # nothing left to evict: try anyway, the loader reports a real OOM
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
