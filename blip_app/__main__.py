@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the catalog")
     models.add_argument("--json", action="store_true")
 
+    bench = commands.add_parser("bench", help="measure blip_app's path against the naive baseline at a real size")
+    from . import bench as bench_module
+
+    bench_module.add_arguments(bench)
+
     tiny = commands.add_parser("make-tiny", help="write tiny random checkpoints of all four families (offline)")
     tiny.add_argument("directory", metavar="DIR")
     tiny.add_argument("--seed", type=int, default=0)
@@ -133,7 +138,15 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"caption": cli_extra.cmd_caption, "ask": cmd_ask, "embed": cli_extra.cmd_embed, "models": cmd_models,
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark (see blip_app/bench.py)."""
+    from .bench import run_bench
+
+    run_bench(args)
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "caption": cli_extra.cmd_caption, "ask": cmd_ask, "embed": cli_extra.cmd_embed, "models": cmd_models,
             "make-tiny": cmd_make_tiny}
 
 # Errors caused by what the user typed or gave exit 2; errors of the model or machine exit 1.

@@ -1,0 +1,714 @@
+"""CPU accelerations the engine can apply to a loaded model, each measured (see docs/bench-opt-2.7b.md).
+
+Numbers below are for blip2-opt-2.7b at its real size (random bfloat16 weights, 3.74 B parameters, the
+language model's 5.30 GB read once per decode step) on the 2-core AVX-512-bf16 machine of
+/work/shared/STACK.md, two threads, batch 1, unless a docstring says otherwise. They were taken with
+``python -m blip_app.speed`` (:func:`main`), which prints the same table for any checkpoint.
+
+What a decode step costs is reading the language model's weights: what matters is how fast the
+matrix-vector products stream them from memory. Three things decide that here:
+
+* **where the weights live** — ``from_pretrained`` memory-maps the safetensors file, so weights sit in
+  4 KiB page-cache pages. Anonymous memory backed by transparent huge pages (2 MiB) streams faster
+  (fewer TLB misses): :func:`make_resident`, :func:`huge_pages_enabled`.
+* **the kernel** — ``torch.nn.functional.linear`` in bfloat16 with one row of input reaches about a third
+  of the memory bandwidth; oneDNN's inner product with the weight packed once into its blocked layout
+  reaches most of it (this is what inductor's ``freezing=True`` does inside ``torch.compile``, here
+  without compiling, without recompiling on new shapes and without a second copy of the weights):
+  :func:`pack_linears`.
+* **bytes per weight** — int8 halves them (:func:`quantize_int8`), opt-in because its quality cannot be
+  judged on random weights.
+
+Attention (:func:`set_attention`) barely matters at these lengths. ``torch.compile`` with a static cache
+is not applied: see :func:`compile_note`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import gc
+import logging
+import mmap
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_PAGE = mmap.PAGESIZE
+_HUGE_PAGE = 2 * 1024 * 1024
+_MADV_DONTNEED = 4
+_MADV_HUGEPAGE = 14
+_MADV_COLLAPSE = 25
+_APPLIED = "_blip_app_speed"  # attribute set on a model: the accelerations applied to it
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: huge pages, memory-mapped weights
+
+
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise.restype = ctypes.c_int
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``); False where unavailable."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    return bool(trim is not None and trim(0))
+
+
+def large_allocations_mapped(threshold: int = 4 * 1024 * 1024) -> bool:
+    """Make glibc serve allocations of ``threshold`` bytes or more with their own mmap (freed at once).
+
+    glibc raises its mmap threshold after a large block is freed (up to 32 MB), after which weight-sized
+    blocks come from the heap and freeing them (a dense weight replaced by its packed copy, a model
+    unloaded) leaves the memory with the process: measured, 1.6 GB more resident after packing
+    blip2-opt-2.7b without this. Fixing the threshold also stops that adjustment.
+    """
+    mallopt = getattr(_LIBC, "mallopt", None)
+    return bool(mallopt is not None and mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+
+
+def _madvise(start: int, end: int, advice: int, *, align: int = _PAGE) -> bool:
+    """madvise() on the ``align``-aligned part of [start, end); False when there is none or it fails."""
+    first = (start + align - 1) // align * align
+    last = end // align * align
+    if _LIBC is None or last <= first:
+        return False
+    return _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice) == 0
+
+
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page mode for anonymous memory: always, madvise, never (or unknown)."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii").read()
+    except OSError:
+        return "unknown"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+
+
+def anon_huge_page_bytes() -> int:
+    """Bytes of this process's anonymous memory backed by transparent huge pages (0 if unknown)."""
+    try:
+        with open("/proc/self/smaps_rollup", encoding="ascii") as smaps:
+            for line in smaps:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def huge_pages_enabled() -> bool:
+    """Whether torch's CPU allocator by itself hands out huge-page-backed memory for large tensors.
+
+    True when the kernel's mode is ``always``, or ``madvise`` with ``THP_MEM_ALLOC_ENABLE=1`` in the
+    environment before torch was imported. Checked on a real allocation. Without it, :func:`make_resident`
+    and :func:`pack_linears` still get huge pages for the weights (madvise / MADV_COLLAPSE). Measured: a
+    bfloat16 sum streams at 43 GB/s without huge pages and 61 GB/s with them; a packed bfloat16
+    matrix-vector product at 46 and 75 GB/s.
+    """
+    before = anon_huge_page_bytes()
+    probe = torch.empty(8 * _HUGE_PAGE, dtype=torch.uint8)
+    probe.fill_(1)
+    return anon_huge_page_bytes() > before
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> bool:
+    """Ask for huge pages under a tensor's storage (call before its memory is first written)."""
+    storage = tensor.untyped_storage()
+    start = storage.data_ptr()
+    return _madvise(start, start + storage.nbytes(), _MADV_HUGEPAGE, align=_HUGE_PAGE)
+
+
+def collapse_huge_pages(tensor: torch.Tensor) -> bool:
+    """Move an already written tensor (dense or oneDNN-packed) onto huge pages (``MADV_COLLAPSE``, Linux 6.1+).
+
+    About 0.3 ms per MB here. Returns False when the kernel refuses or the tensor is too small.
+    """
+    if tensor.is_mkldnn:
+        start, nbytes = torch.ops.mkldnn.data_ptr(tensor), torch.ops.mkldnn._nbytes(tensor)
+    else:
+        storage = tensor.untyped_storage()
+        start, nbytes = storage.data_ptr(), storage.nbytes()
+    if nbytes < 2 * _HUGE_PAGE:
+        return False
+    _madvise(start, start + nbytes, _MADV_HUGEPAGE, align=_HUGE_PAGE)
+    return _madvise(start, start + nbytes, _MADV_COLLAPSE, align=_HUGE_PAGE)
+
+
+@dataclass(frozen=True)
+class _Region:
+    start: int
+    end: int
+    path: str
+
+
+def file_mappings() -> list[_Region]:
+    """This process's file-backed memory mappings (shared libraries excluded), sorted by address."""
+    regions = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 6:
+                    continue
+                path = parts[5].strip()
+                if not path.startswith("/") or ".so" in os.path.basename(path):
+                    continue
+                low, high = (int(x, 16) for x in parts[0].split("-"))
+                regions.append(_Region(low, high, path))
+    except OSError:
+        return []
+    return sorted(regions, key=lambda r: r.start)
+
+
+def _mapped_file(ptr: int, regions: list[_Region], starts: list[int]) -> str | None:
+    index = bisect.bisect_right(starts, ptr) - 1
+    if index >= 0 and regions[index].start <= ptr < regions[index].end:
+        return regions[index].path
+    return None
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor, bool]]:
+    """(module, attribute, tensor, is_parameter) for every parameter and buffer, each tensor once."""
+    seen: set[int] = set()
+    for module in model.modules():
+        for kind, table in ((True, module._parameters), (False, module._buffers)):
+            for name, tensor in table.items():
+                if tensor is None or id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
+                yield module, name, tensor, kind
+
+
+def mapped_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights that live in memory-mapped files (safetensors) rather than in RAM."""
+    regions = file_mappings()
+    starts = [r.start for r in regions]
+    total = 0
+    for _, _, tensor, _ in _named_tensors(model):
+        if tensor.device.type == "cpu" and not tensor.is_mkldnn and _mapped_file(tensor.data_ptr(), regions, starts):
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def make_resident(model: nn.Module, *, huge_pages: bool = True) -> int:
+    """Copy memory-mapped weights into anonymous RAM, one tensor at a time; return the bytes copied.
+
+    ``from_pretrained`` leaves the weights in the memory-mapped safetensors file. Each such tensor is
+    copied into a fresh allocation (advised to use huge pages), the parameter keeps its identity (so
+    tied weights stay tied), and the source pages are dropped from this process at once
+    (``MADV_DONTNEED``: the kernel keeps them in its page cache, where they can be reclaimed), so the
+    resident size never holds two copies: the peak is the model plus one tensor.
+
+    Measured (blip2-opt-2.7b, 2 threads): decode 0.377 s/token memory-mapped and 0.30 s/token resident
+    with plain kernels (STACK.md: about 1.25x). With :func:`pack_linears` the packed language-model
+    weights are copies anyway; this function then matters for the vision encoder, the embeddings and
+    the norms.
+    """
+    regions = file_mappings()
+    if not regions:
+        return 0
+    starts = [r.start for r in regions]
+    large_allocations_mapped()
+    copied = 0
+    with torch.no_grad():
+        for module, name, tensor, is_param in list(_named_tensors(model)):
+            if tensor.device.type != "cpu" or tensor.is_mkldnn or tensor.numel() == 0:
+                continue
+            if _mapped_file(tensor.data_ptr(), regions, starts) is None:
+                continue
+            fresh = torch.empty(tensor.shape, dtype=tensor.dtype)
+            if huge_pages and fresh.numel() * fresh.element_size() >= _HUGE_PAGE:
+                advise_huge_pages(fresh)
+            fresh.copy_(tensor)
+            start = tensor.data_ptr()
+            end = start + tensor.numel() * tensor.element_size()
+            if is_param:
+                tensor.data = fresh
+            else:
+                module._buffers[name] = fresh
+            _madvise(start, end, _MADV_DONTNEED)  # unmap the file pages this tensor was reading
+            copied += fresh.numel() * fresh.element_size()
+    _mark(model, "resident")
+    return copied
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels: packed bfloat16 linear layers
+
+
+def packing_supported(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether oneDNN can pack and run linear weights of ``dtype`` on this CPU (bfloat16 needs AVX-512 bf16/AMX)."""
+    if dtype is not torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        weight = torch.ones(8, 8, dtype=torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8, dtype=torch.bfloat16), packed, None, "none", [], "")
+        return bool(out.float().sum().item() == 64.0)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear`` in bfloat16 with its weight packed once into oneDNN's blocked layout.
+
+    Same results as the dense layer (exactly, checked in tests), computed by
+    ``torch.ops.mkldnn._linear_pointwise``. ``weight`` is the packed (opaque) tensor: its shape and dtype
+    are right, so code that reads ``layer.weight.dtype`` (T5) keeps working, but it cannot be used in
+    arithmetic. Inputs in another dtype are cast to bfloat16 and the output cast back.
+    """
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 1) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach()
+        if weight.dtype is not torch.bfloat16:
+            raise ValueError("PackedLinear packs bfloat16 weights only.")
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        collapse_huge_pages(packed)
+        self.register_buffer("packed_weight", packed, persistent=False)
+        bias = linear.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.packed_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is torch.bfloat16:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed_weight, self.bias, "none", [], "")
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
+
+
+def _linear_slots(module: nn.Module) -> list[tuple[str, str]]:
+    """(parent module name, attribute) of every ``nn.Linear`` under ``module``.
+
+    Names, not module objects: holding the layers in a list would keep every replaced dense weight
+    alive until the end (measured: 16 GB instead of 8 while quantising OPT-2.7b).
+    """
+    return [(name, attr) for name, parent in module.named_modules()
+            for attr, child in parent.named_children() if type(child) is nn.Linear]
+
+
+def tied_parameters(module: nn.Module) -> set[int]:
+    """ids of parameters registered in more than one place (OPT's lm_head and input embeddings)."""
+    counts: dict[int, int] = {}
+    for _, param in module.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    return {key for key, count in counts.items() if count > 1}
+
+
+def pack_linears(module: nn.Module, *, batch_hint: int = 1, skip: Callable[[str], bool] | None = None,
+                 skip_tied: bool = False) -> int:
+    """Replace every bfloat16 CPU ``nn.Linear`` under ``module`` by a :class:`PackedLinear`; return how many.
+
+    One layer at a time, so the peak is the model plus one layer: the dense weight is released as its
+    packed copy takes its place, unless something else holds it: a tied ``lm_head`` keeps the embedding
+    matrix, which the embedding lookup needs, so packing it costs a second copy (0.26 GB for OPT-2.7b);
+    ``skip_tied`` leaves such layers dense.
+
+    Measured, blip2-opt-2.7b, 2 threads, huge pages on: the six matrices of 8 OPT layers (1.26 GB) per
+    call: one row 56.5 ms dense -> 19.2 ms packed (22 -> 66 GB/s); 44 rows 112 -> 74 ms. A decode step
+    of the whole model: see :func:`main` / docs/bench-opt-2.7b.md.
+    """
+    if not packing_supported():
+        return 0
+    large_allocations_mapped()
+    tied = tied_parameters(module) if skip_tied else set()
+    replaced = 0
+    for parent_name, attr in _linear_slots(module):
+        parent = module.get_submodule(parent_name)
+        layer = getattr(parent, attr)
+        full = f"{parent_name}.{attr}" if parent_name else attr
+        if layer.weight.device.type != "cpu" or layer.weight.dtype is not torch.bfloat16:
+            continue
+        if (skip is not None and skip(full)) or id(layer.weight) in tied:
+            continue
+        setattr(parent, attr, PackedLinear(layer, batch_hint))
+        del layer  # the dense weight goes now (unless tied), not at the end: the peak stays one layer
+        replaced += 1
+    if replaced:
+        _mark(module, "packed")
+    release_free_memory()
+    return replaced
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention, int8, compile
+
+
+def set_attention(model: nn.Module, implementation: str) -> str:
+    """Switch the attention implementation (``sdpa`` or ``eager``) of a transformers model; return it.
+
+    Measured (decode, blip2-opt-2.7b, packed kernels): see docs/bench-opt-2.7b.md; the two are within
+    noise of each other at these lengths (under 1%), so the engine keeps transformers' default, sdpa.
+    """
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(implementation)
+    else:
+        for sub in model.modules():
+            config = getattr(sub, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                config._attn_implementation = implementation
+    return implementation
+
+
+def quantize_int8(language_model: nn.Module) -> int:
+    """Opt-in int8: dynamic quantisation (int8 weights, activations quantised per call) of the Linear layers.
+
+    ``torch.ao.quantization.quantize_dynamic`` (fbgemm kernels, one scale per output channel: as fast as
+    one per tensor here, and closer on real weights whose rows differ in range), one layer at a time so that only one
+    layer is ever held in float32 beside the rest. fbgemm takes float32 activations, so the language
+    model's other tensors (embeddings, norms) become float32; the vision encoder and the Q-Former keep
+    their dtype. A tied ``lm_head`` gets its own int8 copy. Returns the number of quantised layers.
+
+    Measured: see docs/bench-opt-2.7b.md (STACK.md: 0.139 s/token against 0.42 for bfloat16 generate).
+    Quality cannot be judged on random weights: keep it opt-in until checked on a real checkpoint.
+    """
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    large_allocations_mapped()
+    count = 0
+    for parent_name, attr in _linear_slots(language_model):
+        parent = language_model.get_submodule(parent_name)
+        holder = nn.Module()
+        holder.add_module("layer", getattr(parent, attr).float())
+        quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        setattr(parent, attr, holder.layer)
+        del holder
+        count += 1
+        if count % 8 == 0:
+            gc.collect()  # quantize_dynamic leaves reference cycles holding the float32 layer: 16 GB without this
+    gc.collect()
+    language_model.float()
+    release_free_memory()
+    _mark(language_model, "int8")
+    return count
+
+
+def compile_note() -> str:
+    """Why ``torch.compile`` with a static cache is not applied on CPU (STACK.md, measured there).
+
+    Static cache + ``torch.compile`` without freezing: 0.41-0.45 s/token (no gain over eager dynamic
+    cache). With inductor ``freezing=True``: 0.23-0.24 s/token, but about 2 minutes of compilation, a
+    second copy of the weights during it (peak about 15 GB for a 7.7 GB model), and a recompile on any
+    change of shape or thread count — and freezing's gain is the weight packing that
+    :func:`pack_linears` gets without compiling.
+    """
+    return compile_note.__doc__.splitlines()[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying them
+
+
+def _mark(model: nn.Module, what: str) -> None:
+    applied = list(getattr(model, _APPLIED, ()))
+    if what not in applied:
+        applied.append(what)
+    object.__setattr__(model, _APPLIED, tuple(applied))
+
+
+def applied(model: nn.Module) -> tuple[str, ...]:
+    """The accelerations applied to ``model`` (and its language model), in order."""
+    names = list(getattr(model, _APPLIED, ()))
+    language_model = getattr(model, "language_model", None)
+    if language_model is not None:
+        names += [n for n in getattr(language_model, _APPLIED, ()) if n not in names]
+    return tuple(names)
+
+
+def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool = False, int8: bool = False,
+                       vision_attention: str | None = "eager") -> tuple[str, ...]:
+    """What blip_app does to a BLIP-2 / InstructBLIP model on a CPU after loading; idempotent.
+
+    1. :func:`make_resident` for every weight still memory-mapped (huge pages);
+    2. :func:`pack_linears` on the language model, the vision encoder, the Q-Former and the projection
+       (bfloat16 on a CPU with bfloat16 instructions only; elsewhere nothing is packed). A tied
+       ``lm_head`` stays dense unless ``pack_tied``: packing it needs a second copy of the embedding
+       matrix (0.26 GB, 3.5% of blip2-opt-2.7b) for about 5% of decode time (0.094-0.099 s/token with
+       it dense against 0.087-0.093 packed, interleaved runs, quiet machine);
+    3. with ``int8``: :func:`quantize_int8` on the language model instead of packing it (opt-in);
+    4. eager attention in the vision encoder (257 tokens, head size 88): 0.77-0.83 s per image against
+       0.87-0.91 s with sdpa (packed weights, best of 4, 2 threads). The language model keeps sdpa.
+
+    Nothing is applied on a GPU or to a bitsandbytes-quantised model. Returns :func:`applied`.
+    """
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return applied(model)
+    if device.type != "cpu" or getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        return applied(model)
+    done = applied(model)
+    if "resident" not in done:
+        make_resident(model)
+    language_model = getattr(model, "language_model", model)
+    if int8 and "int8" not in done:
+        quantize_int8(language_model)
+    if pack and "packed" not in applied(model) and packing_supported():
+        pack_linears(model, skip_tied=not pack_tied)  # int8 layers are no longer nn.Linear: left as they are
+    vision = getattr(model, "vision_model", None)
+    if vision_attention and vision is not None and f"vision-{vision_attention}" not in applied(model):
+        with contextlib.suppress(Exception):
+            set_attention(vision, vision_attention)
+            _mark(model, f"vision-{vision_attention}")
+    return applied(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def measure_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> dict[str, float]:
+    """Memory read bandwidth in GB/s: the best of several read-only reductions over a large buffer.
+
+    A single reduction can be compute-bound (a bfloat16 ``amax`` reads at 24 GB/s here where a float64
+    ``sum`` reads at 48-82), so the floor uses the best of all. The buffer gets huge pages when the
+    kernel allows it. Returns ``{"best": ..., "<kernel>": ...}``.
+    """
+    nbytes = int(gigabytes * 1e9) // 8 * 8
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    advise_huge_pages(buffer)
+    buffer.fill_(1)
+    kernels: dict[str, Callable[[], Any]] = {
+        "sum_float64": lambda: buffer.view(torch.float64).sum(),
+        "sum_float32": lambda: buffer.view(torch.float32).sum(),
+        "amax_float32": lambda: buffer.view(torch.float32).amax(),
+        "sum_bfloat16": lambda: buffer.view(torch.bfloat16).sum(),
+    }
+    results: dict[str, float] = {}
+    for name, kernel in kernels.items():
+        kernel()
+        best = min(_timed(kernel) for _ in range(repeats))
+        results[name] = nbytes / best / 1e9
+    results["best"] = max(results.values())
+    buffer = None  # noqa: F841 - freed now, not when the kernels' closures go
+    return results
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def language_model_bytes(model: nn.Module) -> int:
+    """Bytes a decode step reads: the language model's weights (a tied matrix once, packed ones included)."""
+    language_model = getattr(model, "language_model", model)
+    return sum(t.numel() * t.element_size() for _, _, t, _ in _named_tensors(language_model)
+               if t.dtype.is_floating_point or t.dtype in (torch.int8, torch.qint8)) + _quantized_bytes(language_model)
+
+
+def _quantized_bytes(module: nn.Module) -> int:
+    total = 0
+    for sub in module.modules():
+        packed = getattr(sub, "_packed_params", None)
+        if packed is not None:
+            with contextlib.suppress(Exception):
+                weight, bias = packed._weight_bias()
+                total += weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * 4)
+    return total
+
+
+class StepTimer:
+    """A ``generate`` streamer that records when each token arrives (the first call carries the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def intervals(self) -> list[float]:
+        """Seconds of each decode step: between consecutive new tokens (the prefill is not counted)."""
+        return [b - a for a, b in zip(self.times[1:], self.times[2:])]
+
+
+def median(values: Iterable[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+@torch.inference_mode()
+def decode_seconds_per_token(model: nn.Module, *, prompt_tokens: int = 44, new_tokens: int = 16,
+                             repeats: int = 2) -> float:
+    """Seconds per decode step of the language model's ``generate`` (greedy, batch 1, dynamic cache).
+
+    The median interval between consecutive new tokens (so neither the prefill nor a stray pause of
+    another process counts), best of ``repeats`` runs.
+    """
+    language_model = getattr(model, "language_model", model)
+    embed = language_model.get_input_embeddings()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, min(embed.num_embeddings, 1000), (1, prompt_tokens), generator=generator)
+    inputs = {"inputs_embeds": embed(ids), "attention_mask": torch.ones_like(ids)}
+    if not getattr(language_model.config, "is_encoder_decoder", False):
+        inputs["input_ids"] = ids
+    best = float("inf")
+    for _ in range(repeats):
+        timer = StepTimer()
+        language_model.generate(**inputs, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
+                                do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None, streamer=timer)
+        best = min(best, median(timer.intervals()))
+    return best
+
+
+def _cpu_busy_ticks() -> tuple[int, int]:
+    """(busy ticks of all CPUs, ticks of this process) from /proc/stat and /proc/self/stat."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
+    with open("/proc/self/stat", encoding="ascii") as own:
+        parts = own.read().rsplit(")", 1)[1].split()
+    return busy, int(parts[11]) + int(parts[12])  # utime + stime
+
+
+class OtherLoad:
+    """Measures how much CPU other processes used while a block ran, as a share of all CPUs.
+
+    Two threads on two cores are very sensitive to a third busy process (an OpenMP region waits for
+    its slowest thread): a decode step measured 0.09 s alone and 0.7-1.1 s beside another job.
+    ``share`` is (busy ticks of the machine - ticks of this process) / (elapsed ticks x CPUs).
+    """
+
+    def __enter__(self) -> OtherLoad:
+        self.share = 0.0
+        try:
+            self._busy, self._own = _cpu_busy_ticks()
+        except (OSError, ValueError, IndexError):
+            self._busy = None
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._busy is None:
+            return
+        try:
+            busy, own = _cpu_busy_ticks()
+        except (OSError, ValueError, IndexError):
+            return
+        ticks = os.sysconf("SC_CLK_TCK") * (time.perf_counter() - self._started) * (os.cpu_count() or 1)
+        self.share = max(0.0, ((busy - self._busy) - (own - self._own)) / ticks) if ticks > 0 else 0.0
+
+
+def _rss_gb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e9
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """``python -m blip_app.speed [FOLDER] [--variants ...]``: decode s/token of each variant, one process.
+
+    Variants run in order on one model object: ``mmap`` (as loaded), ``resident``, ``eager`` (resident
+    + eager attention), ``packed-keephead`` (packed linears but a tied ``lm_head`` left dense),
+    ``packed`` (everything packed), ``packed-eager``; ``int8`` and ``bnb8`` need their own process (they
+    change or reload the model).
+    """
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m blip_app.speed", description=main.__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", nargs="?", default=None, help="folder (default: real-size blip2-opt-2.7b)")
+    parser.add_argument("--variants", default="mmap,resident,eager,packed-keephead,packed,packed-eager")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--attempts", type=int, default=4, help="retries while other processes load the CPU")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from transformers import AutoModelForImageTextToText
+
+    folder = args.checkpoint
+    if folder is None:
+        from .realsize import build_realsize
+
+        folder = str(build_realsize("blip2-opt-2.7b"))
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bandwidth = measure_bandwidth()
+    results: dict[str, Any] = {"threads": torch.get_num_threads(), "bandwidth_gbs": bandwidth,
+                               "torch_huge_pages": huge_pages_enabled(), "thp_mode": thp_mode(), "variants": {}}
+    if variants == ["bnb8"]:
+        from transformers import BitsAndBytesConfig
+
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, dtype=torch.bfloat16, device_map={"": "cpu"},
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16)
+    model.eval()
+    floor_bytes = language_model_bytes(model)
+    results["language_model_gb"] = floor_bytes / 1e9
+    results["floor_s"] = floor_bytes / (bandwidth["best"] * 1e9)
+    for variant in variants:
+        started = time.perf_counter()
+        if variant != "mmap" and variant != "bnb8" and "resident" not in applied(model):
+            make_resident(model)
+        if variant == "packed-keephead":
+            pack_linears(model.language_model, skip_tied=True)
+        if variant in ("packed", "packed-eager"):
+            pack_linears(model.language_model)  # packs what is left (a tied lm_head after packed-keephead)
+        if variant == "int8":
+            quantize_int8(model.language_model)
+        set_attention(model.language_model, "eager" if variant.endswith("eager") else "sdpa")
+        prepared = time.perf_counter() - started
+        steps = args.new_tokens if variant != "bnb8" else 2
+        attempts = []
+        for _ in range(1 if variant == "bnb8" else args.attempts):
+            with OtherLoad() as load:
+                seconds = decode_seconds_per_token(model, new_tokens=steps, repeats=1 if variant == "bnb8" else 2)
+            attempts.append((load.share, seconds))
+            if load.share < 0.05:
+                break
+        share, seconds = min(attempts)  # the quietest attempt
+        row = {"s_per_token": round(seconds, 4), "x_floor": round(seconds / results["floor_s"], 2),
+               "other_load": round(share, 3), "attempts": len(attempts),
+               "prepare_s": round(prepared, 1), "rss_gb": round(_rss_gb(), 2),
+               "mapped_gb": round(mapped_bytes(model) / 1e9, 2),
+               "huge_gb": round(anon_huge_page_bytes() / 1e9, 2)}
+        results["variants"][variant] = row
+        print(f"{variant:14} {seconds:.3f} s/token  x{row['x_floor']:.2f} floor  rss {row['rss_gb']:.1f} GB  "
+              f"mapped {row['mapped_gb']:.1f} GB  huge {row['huge_gb']:.1f} GB  others {share:.0%}  "
+              f"(prepared in {prepared:.1f} s)", flush=True)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

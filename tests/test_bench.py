@@ -1,0 +1,184 @@
+"""Real-size random checkpoints (shrunk here), the CPU accelerations, and the bench end to end (tiny)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip_app import realsize, speed
+from blip_app.catalog import CATALOG
+
+SCALE = 1 / 64  # same code path as the real size, a few million parameters
+
+
+@pytest.fixture(scope="module")
+def shrunk_opt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return realsize.build_realsize("blip2-opt-2.7b", root=tmp_path_factory.mktemp("realsize"), scale=SCALE)
+
+
+# -------------------------------------------------------------------------------------------- realsize
+
+
+def test_real_sizes_give_the_published_parameter_count() -> None:
+    """Built on the meta device only (nothing allocated): 3.74 B parameters for blip2-opt-2.7b."""
+    from accelerate import init_empty_weights
+    from transformers import Blip2ForConditionalGeneration
+
+    entry = CATALOG["blip2-opt-2.7b"]
+    sizes = realsize.real_sizes(entry)
+    processor = realsize.build_processor(entry, sizes)
+    config = realsize.build_config(entry, sizes, processor.tokenizer)
+    with init_empty_weights(include_buffers=False):
+        model = Blip2ForConditionalGeneration(config)
+    model.tie_weights()
+    params = sum(p.numel() for p in model.parameters())
+    assert 3.70e9 < params < 3.78e9
+    assert config.text_config.vocab_size == 50272
+    assert config.image_token_index == 50265  # after the 50265 tokens of OPT's tokenizer, as in the real one
+    assert len(processor.tokenizer) == 50266
+
+
+def test_shrunk_checkpoint_loads_like_a_real_one(shrunk_opt: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    marker = json.loads((shrunk_opt / realsize.MARKER).read_text())
+    assert marker["format"] == realsize.FORMAT_VERSION and marker["name"] == "blip2-opt-2.7b"
+    processor = AutoProcessor.from_pretrained(shrunk_opt)
+    model = AutoModelForImageTextToText.from_pretrained(shrunk_opt)
+    text = model.config.text_config
+    assert text.vocab_size == 50272  # the real vocabulary, even shrunk
+    assert model.dtype == torch.bfloat16
+    assert model.language_model.lm_head.weight is model.language_model.get_input_embeddings().weight
+    assert processor.num_query_tokens == model.config.num_query_tokens
+    assert processor.image_processor.size["height"] == model.config.vision_config.image_size
+    # Every id the model can produce decodes to some text (the tokenizer is padded to the embeddings).
+    assert processor.tokenizer.decode([50000, 40000]).split() == ["w49490", "w39490"]
+    assert realsize.parameter_count(shrunk_opt) == sum(p.numel() for p in model.parameters())
+
+
+def test_build_is_deterministic_and_cached(tmp_path: Path, shrunk_opt: Path) -> None:
+    started = time.perf_counter()
+    again = realsize.build_realsize("blip2-opt-2.7b", root=shrunk_opt.parent, scale=SCALE)
+    assert again == shrunk_opt and time.perf_counter() - started < 1.0
+    other = realsize.build_realsize("blip2-opt-2.7b", tmp_path / "copy", scale=SCALE)
+    assert (other / "model.safetensors").read_bytes() == (shrunk_opt / "model.safetensors").read_bytes()
+    assert not realsize.is_built(other, "blip2-opt-2.7b", scale=SCALE, seed=1)
+    assert realsize.checkpoint_dir("blip2-opt-2.7b", root=tmp_path).name == "blip2-opt-2.7b"
+    assert realsize.checkpoint_dir("blip2-opt-2.7b", root=tmp_path, scale=SCALE).name.startswith("blip2-opt-2.7b-")
+
+
+@pytest.mark.parametrize("name", ["blip2-flan-t5-xl", "instructblip-vicuna-7b", "instructblip-flan-t5-xl"])
+def test_other_families_build_and_answer(tmp_path: Path, name: str) -> None:
+    from PIL import Image
+
+    from blip_app.service import Service
+
+    folder = realsize.build_realsize(name, root=tmp_path, scale=SCALE)
+    service = Service([str(folder)])
+    reply = service.answer(str(folder), Image.new("RGB", (40, 30), (200, 30, 30)), "What is it?",
+                           preset="fast", overrides={"max_new_tokens": 4, "min_new_tokens": 4})
+    assert reply.new_tokens == 4 and reply.text
+
+
+# -------------------------------------------------------------------------------------------- speed
+
+
+def test_packed_linear_matches_the_dense_layer() -> None:
+    if not speed.packing_supported():
+        pytest.skip("oneDNN bfloat16 packing is not available on this CPU")
+    layer = torch.nn.Linear(48, 40).to(torch.bfloat16)
+    x = torch.randn(3, 5, 48, dtype=torch.bfloat16)
+    expected = layer(x)
+    parent = torch.nn.Sequential(layer)
+    assert speed.pack_linears(parent) == 1
+    packed = parent[0]
+    assert isinstance(packed, speed.PackedLinear) and packed.weight.dtype == torch.bfloat16
+    assert torch.equal(packed(x), expected)
+    assert packed(x.float()).dtype == torch.float32
+
+
+def test_cpu_defaults_keep_outputs_and_free_the_mapped_file(shrunk_opt: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(shrunk_opt, dtype=torch.bfloat16).eval()
+    ids = torch.randint(4, 400, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model.language_model(input_ids=ids).logits
+    assert speed.mapped_bytes(model) > 0
+    applied = speed.apply_cpu_defaults(model)
+    assert "resident" in applied
+    assert speed.mapped_bytes(model) == 0
+    assert speed.apply_cpu_defaults(model) == applied  # idempotent
+    with torch.inference_mode():
+        assert torch.equal(model.language_model(input_ids=ids).logits, expected)
+    assert model.get_memory_footprint() > 0  # the manager's memory accounting still works
+
+
+def test_int8_runs_and_is_close(shrunk_opt: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(shrunk_opt, dtype=torch.bfloat16).eval()
+    ids = torch.randint(4, 400, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model.language_model(input_ids=ids).logits.float()
+        assert speed.quantize_int8(model.language_model) > 0
+        got = model.language_model(input_ids=ids).logits.float()
+    assert "int8" in speed.applied(model)
+    assert torch.allclose(got, expected, atol=0.05 * expected.abs().max().item())
+
+
+def test_bandwidth_and_other_load_are_measured() -> None:
+    bandwidth = speed.measure_bandwidth(gigabytes=0.02, repeats=1)
+    assert bandwidth["best"] > 0 and set(bandwidth) > {"sum_float64", "sum_float32"}
+    with speed.OtherLoad() as load:
+        sum(range(10000))
+    assert 0.0 <= load.share
+
+
+# -------------------------------------------------------------------------------------------- bench
+
+
+def test_bench_end_to_end_on_a_tiny_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from blip_app import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    markdown = tmp_path / "bench.md"
+    args = parser.parse_args(["--model", str(tiny_checkpoints["blip2-opt"]), "--quick", "--json", str(out),
+                              "--markdown", str(markdown), "--bandwidth-gb", "0.02"])
+    started = time.perf_counter()
+    result = bench.run_bench(args)
+    assert time.perf_counter() - started < 60
+    saved = json.loads(out.read_text())
+    for path in bench.REQUIRED_METRICS:
+        value = saved
+        for part in path.split("."):
+            assert part in value, f"{path} missing from the bench JSON"
+            value = value[part]
+    ours = saved["blip_app"]
+    assert len(ours["chat_turns_s"]) == 5 and len(saved["baseline"]["chat_turns_s"]) == 5
+    assert ours["second_caption_vision_skipped"] and ours["question_vision_skipped"]
+    assert {row["metric"] for row in saved["targets"]} >= {"chat turn 5 (10-token answer)", "decode s/token",
+                                                         "resident memory"}
+    assert not ours.get("warnings"), ours.get("warnings")
+    assert "| metric | baseline | blip_app |" in markdown.read_text()
+    assert result["targets"] == saved["targets"] or len(result["targets"]) == len(saved["targets"])
+
+
+def test_bench_skip_baseline(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from blip_app import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_checkpoints["instructblip-flan-t5"]), "--quick", "--skip-baseline",
+                              "--bandwidth-gb", "0.02", "--no-speed"])
+    result = bench.run_bench(args)
+    assert result["baseline"] is None
+    assert result["blip_app"]["speed_applied_by"] == "none"
+    assert len(result["blip_app"]["chat_turns_s"]) == 5
