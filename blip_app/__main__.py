@@ -146,8 +146,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "caption": cli_extra.cmd_caption, "ask": cmd_ask, "embed": cli_extra.cmd_embed, "models": cmd_models,
-            "make-tiny": cmd_make_tiny}
+COMMANDS = {"bench": cmd_bench, "caption": cli_extra.cmd_caption, "ask": cmd_ask, "embed": cli_extra.cmd_embed,
+            "models": cmd_models, "make-tiny": cmd_make_tiny}
 
 # Errors caused by what the user typed or gave exit 2; errors of the model or machine exit 1.
 _USAGE_ERRORS = (BadImageError, BadInputError, SettingsError, UnknownModelError)
