@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(ask)
 
     cli_extra.add_embed_parser(commands)
+    cli_extra.add_trust_parsers(commands)
 
     models = commands.add_parser("models", help="list the catalog")
     models.add_argument("--json", action="store_true")
@@ -147,7 +148,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"bench": cmd_bench, "caption": cli_extra.cmd_caption, "ask": cmd_ask, "embed": cli_extra.cmd_embed,
-            "models": cmd_models, "make-tiny": cmd_make_tiny}
+            "models": cmd_models, "make-tiny": cmd_make_tiny, "trust": cli_extra.cmd_trust,
+            "search": cli_extra.cmd_search}
 
 # Errors caused by what the user typed or gave exit 2; errors of the model or machine exit 1.
 _USAGE_ERRORS = (BadImageError, BadInputError, SettingsError, UnknownModelError)

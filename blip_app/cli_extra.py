@@ -110,6 +110,70 @@ def cmd_embed(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 0
 
 
+def add_trust_parsers(commands: Any) -> None:
+    """Add ``trust IMAGE TEXT`` and ``search QUERY IMAGE_FOLDER_OR_ZIP...`` to a sub-command set."""
+    from .retrieval import DEFAULT_RETRIEVAL_MODEL
+
+    for name, helptext in (("trust", "how well a text matches an image (the image-text matching score)"),
+                           ("search", "rank images (files, folders, zips) by how well they match a sentence")):
+        parser = commands.add_parser(name, help=helptext)
+        if name == "trust":
+            parser.add_argument("image", metavar="IMAGE")
+            parser.add_argument("text", metavar="TEXT")
+        else:
+            parser.add_argument("query", metavar="QUERY")
+            parser.add_argument("images", nargs="+", metavar="IMAGE_FOLDER_OR_ZIP")
+        parser.add_argument("--model", default=DEFAULT_RETRIEVAL_MODEL,
+                            help="image-text matching model (default: %(default)s)")
+        parser.add_argument("--json", action="store_true", help="print JSON")
+        parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+        parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+        parser.add_argument("--offline", action="store_true", help="never download; local cache and folders only")
+
+
+def cmd_trust(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Print the match probability of TEXT for IMAGE with its plain-language label."""
+    from .images import load_image
+    from .retrieval import trust_score
+
+    out = out or sys.stdout
+    image = load_image(args.image)
+    service, name = _service(args)
+    trust = trust_score(service, name, image, args.text)
+    if args.json:
+        out.write(json.dumps({"image": args.image, "text": args.text, "model": args.model, **trust.as_dict()},
+                             ensure_ascii=False) + "\n")
+    else:
+        out.write(f"{trust.label} ({trust.score:.3f})\n")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Print the images ranked by how well they match QUERY, best first."""
+    from .batch import iter_images
+    from .retrieval import search
+
+    out = out or sys.stdout
+    items = list(iter_images(args.images))
+    images, names = [], []
+    for item in items:
+        if item.load is None:
+            sys.stderr.write(f"skipped {item.name}: {item.note}\n")
+            continue
+        images.append(item.load())
+        names.append(item.name)
+    if not images:
+        from .errors import BadImageError
+
+        raise BadImageError("No readable image was given to search.")
+    service, name = _service(args)
+    hits = search(service, name, images, args.query, names=names)
+    for hit in hits:
+        out.write((json.dumps(hit.as_dict(), ensure_ascii=False) if args.json
+                   else f"{hit.score:.3f}  {hit.name}") + "\n")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # caption over files, folders and zip archives
 

@@ -113,3 +113,17 @@ def test_caption_a_folder_into_csv(tiny_checkpoints, photos, tmp_path):
     assert result.returncode == 1  # corrupt.jpg in the folder
     assert len(result.stdout.splitlines()) == 2 and "corrupt.jpg" in result.stderr
     assert (tmp_path / "out.csv").read_text().count("\n") == 4
+
+
+def test_trust_and_search_from_the_command_line(photos, tmp_path):
+    from blip_app.tiny import make_tiny_retrieval_checkpoint
+
+    matcher = str(make_tiny_retrieval_checkpoint(tmp_path / "itm"))
+    trust = run("trust", str(photos / "red.png"), "a red square", "--model", matcher, "--json")
+    assert trust.returncode == 0, trust.stderr
+    row = json.loads(trust.stdout)
+    assert 0.0 <= row["score"] <= 1.0 and row["label"] in ("very likely", "likely", "uncertain", "unlikely")
+    found = run("search", "a red square", str(photos / "red.png"), str(photos / "blue.jpg"), "--model", matcher)
+    assert found.returncode == 0, found.stderr
+    scores = [float(line.split()[0]) for line in found.stdout.splitlines()]
+    assert len(scores) == 2 and scores == sorted(scores, reverse=True)
