@@ -203,8 +203,36 @@ class _DeviceLocks:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
 
+    @contextlib.contextmanager
+    def everywhere(self) -> Iterator[None]:
+        """Hold every device: running jobs finish first, and none starts on any device until the block ends."""
+        with self._guard:  # no lock is handed out meanwhile
+            locks = [self._locks[key] for key in sorted(self._locks)]
+            for lock in locks:
+                lock.acquire()
+            try:
+                yield
+            finally:
+                for lock in reversed(locks):
+                    lock.release()
+
 
 DEVICE_LOCKS = _DeviceLocks()
+
+# One from_pretrained at a time, with no model running anywhere: while it runs, transformers changes
+# process-wide state (torch's default dtype, a "meta" default device, PreTrainedModel.tie_weights and
+# torch.nn.init swapped out and restored afterwards). A generation meanwhile made tensors on "meta"
+# ("Tensor.item() cannot be called on meta tensors"), and two loads at once could restore each
+# other's stand-in, leaving tie_weights disabled for every later load (models with untied,
+# freshly initialised embeddings).
+_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive_load() -> Iterator[None]:
+    """Around every ``from_pretrained`` of a model: no other load and no generation runs meanwhile."""
+    with _LOAD_LOCK, DEVICE_LOCKS.everywhere():
+        yield
 
 
 class _Stopper(StoppingCriteria):
@@ -546,8 +574,9 @@ class LoadedModel:
         if qconfig is not None:
             kwargs["quantization_config"] = qconfig
         try:
-            processor = AutoProcessor.from_pretrained(where, **common)
-            model = AutoModelForImageTextToText.from_pretrained(where, **kwargs)
+            with exclusive_load():
+                processor = AutoProcessor.from_pretrained(where, **common)
+                model = AutoModelForImageTextToText.from_pretrained(where, **kwargs)
         except Exception as exc:  # noqa: BLE001
             raise _load_error(exc, ref) from exc
         model.eval()

@@ -155,11 +155,14 @@ class ModelManager:
                     return model
             try:
                 model = self._bring_back(name) or self._load(ref)
-            finally:
+            except BaseException:
                 with self._lock:
-                    self._reserved.pop(name, None)  # the model now counts itself, or failed to load
+                    self._reserved.pop(name, None)
                     self._released.notify_all()
-            with self._lock:
+                raise
+            with self._lock:  # one critical section: the model starts counting as its reservation ends
+                self._reserved.pop(name, None)
+                self._released.notify_all()
                 self._loaded[name] = model
                 self._loaded.move_to_end(name)
                 if hold:

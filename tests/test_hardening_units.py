@@ -169,3 +169,131 @@ def test_two_models_loading_at_once_stay_within_the_memory_budget(tiny_checkpoin
         assert used <= budget * GB, f"{len(manager.loaded_names())} models, {used} bytes, budget {budget * GB:.0f}"
     finally:
         manager.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading while others load or generate (found by scripts/soak.py: "Tensor.item() cannot be called on meta
+# tensors" in requests, and a model loaded with freshly initialised embeddings, while models switched)
+
+
+def _run_together(*calls, seconds: float = 20.0) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def guarded(call) -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(call,), daemon=True) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=seconds)
+    assert not any(thread.is_alive() for thread in threads)
+    return errors
+
+
+def test_loading_models_while_others_load_and_generate_is_safe(tiny_checkpoints: dict[str, Path]) -> None:
+    import torch
+    from transformers import PreTrainedModel
+
+    tie_weights = PreTrainedModel.tie_weights
+    t5 = resolve(str(tiny_checkpoints["instructblip-flan-t5"]))
+    reference = LoadedModel.load(t5)
+    prepared = reference.prepare(Task.ANSWER, question="what is it?")
+    expected = reference.generate(RED, prepared, GREEDY).token_ids
+    busy = LoadedModel.load(resolve(str(tiny_checkpoints["blip2-flan-t5"])))
+    busy_prepared = busy.prepare(Task.CHAT, question="and?")
+    loaded: list[LoadedModel] = []
+    stop = threading.Event()
+
+    def generate_meanwhile() -> None:
+        while not stop.is_set():
+            busy.generate(RED, busy_prepared, GREEDY)
+
+    def load_three() -> None:
+        for _ in range(3):
+            loaded.append(LoadedModel.load(t5))
+
+    generating = threading.Thread(target=lambda: errors.extend(_run_together(generate_meanwhile)), daemon=True)
+    errors: list[BaseException] = []
+    generating.start()
+    try:
+        errors += _run_together(load_three, load_three, load_three)
+    finally:
+        stop.set()
+        generating.join(timeout=20)
+        corrupted = PreTrainedModel.tie_weights is not tie_weights or torch.get_default_dtype() != torch.float32
+        PreTrainedModel.tie_weights = tie_weights  # never leave the process broken for the other tests
+        torch.set_default_dtype(torch.float32)
+    assert errors == []
+    assert not corrupted
+    for model in loaded:  # every copy loaded in the crowd is the same model as the one loaded alone
+        assert model.generate(RED, prepared, GREEDY).token_ids == expected
+
+
+def test_a_load_waiting_for_room_never_slips_in_as_another_finishes(tiny_checkpoints: dict[str, Path]) -> None:
+    """Found by test_hardening_load's switching test (two tiny models, a budget for one, both in memory).
+
+    B loads (slowly); A is asked for meanwhile and waits for room, since B's bytes are reserved. When B is
+    done, its reservation ends and A is woken before B counts as loaded: A sees an empty manager and loads too.
+    """
+    from blip_app.devices import LoadOptions
+    from blip_app.manager import GB, ModelManager
+
+    paths = [str(tiny_checkpoints[f]) for f in ("blip2-opt", "instructblip-flan-t5")]
+    sizes = [LoadedModel.load(resolve(p)).model.get_memory_footprint() for p in paths]
+    budget = max(sizes) * 1.2 / GB  # one model at a time
+
+    def slow_for_the_second(ref, options, **kwargs):
+        if ref.name == paths[1]:
+            time.sleep(1.0)
+        return LoadedModel.load(ref, options, **kwargs)
+
+    manager = ModelManager(paths, LoadOptions(), memory_budget_gb=budget, loader=slow_for_the_second)
+    _widen_the_gap_after_a_notify(manager)
+    try:
+        loading = threading.Thread(target=manager.get, args=(paths[1],))
+        loading.start()
+        time.sleep(0.3)
+        manager.get(paths[0])
+        loading.join()
+        used = sum(m.model.get_memory_footprint() for m in manager._loaded.values())
+        assert used <= budget * GB, f"{len(manager.loaded_names())} models, {used} bytes, budget {budget * GB:.0f}"
+    finally:
+        manager.close()
+
+
+def _widen_the_gap_after_a_notify(manager) -> None:
+    """Make the thread that wakes the others pause before it takes the manager's lock again.
+
+    Nothing changes but timing: a thread that just called ``notify_all`` sleeps 0.3 s before its next
+    ``with manager._lock``, as a busy two-core machine may make it do; any state the manager leaves
+    between two of its critical sections is then seen by the woken threads.
+    """
+    real_lock, real_condition = manager._lock, manager._released
+    just_notified = threading.local()
+
+    class Condition:
+        def __getattr__(self, name):
+            return getattr(real_condition, name)
+
+        def notify_all(self) -> None:
+            real_condition.notify_all()
+            just_notified.flag = True
+
+    class Lock:
+        def __enter__(self):
+            if getattr(just_notified, "flag", False):
+                just_notified.flag = False
+                time.sleep(0.3)
+            return real_lock.__enter__()
+
+        def __exit__(self, *exc):
+            return real_lock.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(real_lock, name)
+
+    manager._lock, manager._released = Lock(), Condition()
