@@ -48,7 +48,15 @@ from PIL import Image
 
 from .catalog import BYTES_PER_PARAM, CatalogEntry, Family, LanguageModel, ModelRef, resolve
 from .devices import Hardware, LoadOptions, LoadPlan, detect_hardware, plan_load
-from .engine import DEVICE_LOCKS, DTYPES, FeatureCache, LoadedModel, explain_load_error, image_key
+from .engine import (
+    DEVICE_LOCKS,
+    DTYPES,
+    FeatureCache,
+    LoadedModel,
+    exclusive_load,
+    explain_load_error,
+    image_key,
+)
 from .errors import BadInputError, BusyError, GenerationError, UnsupportedCheckpointError
 from .prompts import clean_text
 from .settings import Task
@@ -298,10 +306,11 @@ class RetrievalModel:
         for note in plan.notes:
             log.warning("%s: %s", ref.label, note)
         try:
-            processor = AutoProcessor.from_pretrained(where, **common)
-            model = Blip2ForImageTextRetrieval.from_pretrained(
-                where, dtype=DTYPES[plan.dtype], device_map=plan.device_map, **common
-            )
+            with exclusive_load():  # transformers changes process-wide state while loading (see engine)
+                processor = AutoProcessor.from_pretrained(where, **common)
+                model = Blip2ForImageTextRetrieval.from_pretrained(
+                    where, dtype=DTYPES[plan.dtype], device_map=plan.device_map, **common
+                )
         except Exception as exc:  # noqa: BLE001 - every cause is explained
             raise explain_load_error(exc, ref) from exc
         model.eval()
