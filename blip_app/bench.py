@@ -868,6 +868,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         with OtherLoad() as load:
             baseline = run_baseline(source, args, plan, style, images, reps, clock)
         baseline["other_load"] = load.share
+        if args.json:  # keep the baseline if blip_app's phase fails
+            partial = {**result, "bandwidth_start": bandwidth, "baseline": baseline, "partial": True}
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(_plain(partial), indent=2, default=str) + "\n", encoding="utf-8")
     log.info("blip_app ...")
     with OtherLoad() as load:
         ours = run_blip_app(source, args, options, images, reps, clock, second)
