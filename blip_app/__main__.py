@@ -29,7 +29,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="catalog name, hub id or checkpoint folder (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                        help="8bit/4bit: bitsandbytes (GPU); int8-cpu: faster decode on a CPU (default: none)")
+    parser.add_argument("--no-cpu-speedups", action="store_true",
+                        help="on a CPU, keep the model exactly as loaded (no resident copy, no packed kernels)")
     parser.add_argument("--offline", action="store_true", help="never download; local cache and folders only")
     parser.add_argument("--preset", choices=[p.value for p in Preset], default=Preset.STANDARD.value)
     for name in SETTING_NAMES:
@@ -84,7 +87,8 @@ def _session(args: argparse.Namespace):
     from .service import Service
 
     options = LoadOptions(device=args.device, precision=args.precision, quantization=args.quantization,
-                          local_files_only=args.offline or os.environ.get("HF_HUB_OFFLINE") == "1")
+                          local_files_only=args.offline or os.environ.get("HF_HUB_OFFLINE") == "1",
+                          cpu_speedups=not args.no_cpu_speedups)
     return Service([args.model], options)
 
 

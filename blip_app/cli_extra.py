@@ -23,7 +23,8 @@ _PREVIEW = 6  # values shown per embedding without --json
 
 def _options(args: argparse.Namespace) -> LoadOptions:
     return LoadOptions(device=args.device, precision=args.precision, quantization=getattr(args, "quantization", "none"),
-                       local_files_only=args.offline or os.environ.get("HF_HUB_OFFLINE") == "1")
+                       local_files_only=args.offline or os.environ.get("HF_HUB_OFFLINE") == "1",
+                       cpu_speedups=not getattr(args, "no_cpu_speedups", False))
 
 
 def _service(args: argparse.Namespace) -> tuple[Any, str]:

@@ -14,7 +14,10 @@ from .catalog import LanguageModel
 from .errors import ModelLoadError
 
 PRECISIONS = ("auto", "float32", "float16", "bfloat16")
-QUANTIZATIONS = ("none", "8bit", "4bit")
+QUANTIZATIONS = ("none", "8bit", "4bit", "int8-cpu")
+# 8bit and 4bit: bitsandbytes (GPU; on a CPU they save memory but decode about 20 times slower).
+# int8-cpu: torch's dynamic int8 kernels on the language model's linear layers (CPU only, opt-in): the
+# fastest decode measured on a CPU, but its quality has not been checked on every real checkpoint.
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,8 @@ class LoadOptions:
 
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     precision: str = "auto"  # auto, float32, float16, bfloat16
-    quantization: str = "none"  # none, 8bit, 4bit (bitsandbytes)
+    quantization: str = "none"  # none, 8bit, 4bit (bitsandbytes), int8-cpu (torch, CPU only)
+    cpu_speedups: bool = True  # on a CPU: weights resident in RAM, packed bfloat16 kernels (blip_app.speed)
     revision: str | None = None
     local_files_only: bool = False
     cache_dir: str | None = None
@@ -77,7 +81,7 @@ class LoadPlan:
 
     @property
     def precision_label(self) -> str:
-        """How the weights are held, for the UI: '8bit', '4bit' or the dtype name."""
+        """How the weights are held, for the UI: '8bit', '4bit', 'int8-cpu' or the dtype name."""
         return self.quantization if self.quantization != "none" else self.dtype
 
 
@@ -86,7 +90,8 @@ def plan_load(language_model: LanguageModel, options: LoadOptions, hardware: Har
 
     GPU: float16 for OPT and Vicuna, bfloat16 for Flan-T5 (float16 makes Flan-T5 output garbage; without
     bfloat16 support it runs in float32). CPU: bfloat16 where the processor has bfloat16 instructions,
-    else float32. 8-bit and 4-bit go through bitsandbytes with an accelerate device map.
+    else float32. 8-bit and 4-bit go through bitsandbytes with an accelerate device map; int8-cpu (torch's
+    dynamic int8, applied after loading by :mod:`blip_app.speed`) only on a CPU.
     """
     notes: list[str] = []
     if options.precision not in PRECISIONS:
@@ -127,7 +132,15 @@ def plan_load(language_model: LanguageModel, options: LoadOptions, hardware: Har
 
     quantization = options.quantization
     device_map: str | dict[str, Any] | None
-    if quantization != "none":
+    if quantization == "int8-cpu":
+        if on_gpu:
+            raise ModelLoadError(
+                "--quantization int8-cpu is for CPUs; on a GPU use --quantization 8bit or 4bit (bitsandbytes)."
+            )
+        device_map = {"": "cpu"}
+        notes.append("int8-cpu: the language model's weights are quantised to int8 for a faster decode on this CPU; "
+                     "answers may differ slightly from bfloat16.")
+    elif quantization != "none":
         if on_gpu:
             device_map = "auto" if device == "cuda" else {"": device}
         else:

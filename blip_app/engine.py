@@ -63,7 +63,7 @@ _RUN_ON_MARKERS = ("Question:", "question:", "\nQ:", " Q:", "Answer:")
 
 def quantization_config(plan: LoadPlan) -> Any:
     """The bitsandbytes config for a plan, or None (as the transformers quantization docs show)."""
-    if plan.quantization == "none":
+    if plan.quantization in ("none", "int8-cpu"):  # int8-cpu is applied after loading (blip_app.speed)
         return None
     from transformers import BitsAndBytesConfig
 
@@ -536,7 +536,7 @@ class LoadedModel:
         self.checkpoint_generation = dict(checkpoint_generation or {})
         self.features = FeatureCache(feature_cache_size)
         self.image_token_id = int(model.config.image_token_index)
-        self.device = torch.device(plan.device if plan.quantization == "none" else _first_device(model))
+        self.device = torch.device(plan.device if plan.quantization in ("none", "int8-cpu") else _first_device(model))
         self.vision_dtype = next(model.vision_model.parameters()).dtype
         self._special = self._special_token_ids()
         self.prefix_cache = PrefixCache(prefix_cache_bytes or 2**62) if spec.decoder_only else None
@@ -583,7 +583,9 @@ class LoadedModel:
         upgraded = upgrade_old_layout(model, processor, ref.label)
         spec = _spec_from(model, kind, ref, upgraded)
         generation = _saved_generation_settings(where, common)
-        log.info("Loaded %s (%s, %s on %s)", ref.label, kind.family.value, plan.precision_label, plan.device)
+        applied = speed_up(model, plan, options)
+        log.info("Loaded %s (%s, %s on %s%s)", ref.label, kind.family.value, plan.precision_label, plan.device,
+                 f"; {', '.join(applied)}" if applied else "")
         return cls(ref.name, model, processor, spec, plan, checkpoint_generation=generation, **engine_options)
 
     # ---------------------------------------------------------------- phase 1: prepare
@@ -911,6 +913,25 @@ class LoadedModel:
                     yield replace(partial, text=item)
         finally:
             cancel.set()  # no-op after a normal end; stops the thread if the consumer went away
+
+
+def speed_up(model: Any, plan: LoadPlan, options: LoadOptions) -> tuple[str, ...]:
+    """On a CPU, what :mod:`blip_app.speed` measured to help: resident weights, packed bfloat16 kernels
+    (token-identical to the dense ones), eager attention in the vision encoder; int8 when asked for.
+
+    Nothing on a GPU or for bitsandbytes. ``options.cpu_speedups=False`` leaves the model exactly as
+    ``from_pretrained`` made it (int8-cpu is still applied: it was asked for). Returns what was applied.
+    """
+    from . import speed
+
+    if plan.device != "cpu" or plan.quantization not in ("none", "int8-cpu"):
+        return ()
+    int8 = plan.quantization == "int8-cpu"
+    if options.cpu_speedups:
+        return speed.apply_cpu_defaults(model, int8=int8)
+    if int8:
+        speed.quantize_int8(model.language_model)
+    return speed.applied(model)
 
 
 def _first_device(model: Any) -> str:

@@ -19,7 +19,8 @@ matrix-vector products stream them from memory. Three things decide that here:
 * **bytes per weight** — int8 halves them (:func:`quantize_int8`), opt-in because its quality cannot be
   judged on random weights.
 
-Attention (:func:`set_attention`) barely matters at these lengths. ``torch.compile`` with a static cache
+Attention (:func:`set_attention`) barely matters for speed at these lengths, but it decides whether a
+reused key/value cache gives bit-identical results (see :func:`apply_cpu_defaults`). ``torch.compile`` with a static cache
 is not applied: see :func:`compile_note`.
 """
 
@@ -366,8 +367,9 @@ def pack_linears(module: nn.Module, *, batch_hint: int = 1, skip: Callable[[str]
 def set_attention(model: nn.Module, implementation: str) -> str:
     """Switch the attention implementation (``sdpa`` or ``eager``) of a transformers model; return it.
 
-    Measured (decode, blip2-opt-2.7b, packed kernels): see docs/bench-opt-2.7b.md; the two are within
-    noise of each other at these lengths (under 1%), so the engine keeps transformers' default, sdpa.
+    Measured (decode, blip2-opt-2.7b, packed kernels): the two are within noise of each other at these
+    lengths (under 1%); :func:`apply_cpu_defaults` picks eager where it is faster (vision encoder) or exact
+    (a decoder-only language model with a reused key/value cache).
     """
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
@@ -391,8 +393,15 @@ def quantize_int8(language_model: nn.Module) -> int:
 
     Measured: see docs/bench-opt-2.7b.md (STACK.md: 0.139 s/token against 0.42 for bfloat16 generate).
     Quality cannot be judged on random weights: keep it opt-in until checked on a real checkpoint.
+    ``torch.ao.quantization`` is deprecated in favour of torchao, and torch warns that quantised tensors
+    will go in a future release; in torch 2.14 it still ships, needs no extra dependency and beat
+    torchao's int8 path here (STACK.md), so it is used quietly. When torch drops it, this mode must move.
     """
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice (it points to torchao)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     large_allocations_mapped()
     count = 0
@@ -400,7 +409,10 @@ def quantize_int8(language_model: nn.Module) -> int:
         parent = language_model.get_submodule(parent_name)
         holder = nn.Module()
         holder.add_module("layer", getattr(parent, attr).float())
-        quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        with warnings.catch_warnings():  # deprecation notices of torch.ao and of quantised tensors
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
         setattr(parent, attr, holder.layer)
         del holder
         count += 1
@@ -445,19 +457,25 @@ def applied(model: nn.Module) -> tuple[str, ...]:
     return tuple(names)
 
 
-def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool = False, int8: bool = False,
-                       vision_attention: str | None = "eager") -> tuple[str, ...]:
+def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool = True, int8: bool = False,
+                       vision_attention: str | None = "eager",
+                       language_attention: str | None = "eager") -> tuple[str, ...]:
     """What blip_app does to a BLIP-2 / InstructBLIP model on a CPU after loading; idempotent.
 
     1. :func:`make_resident` for every weight still memory-mapped (huge pages);
     2. :func:`pack_linears` on the language model, the vision encoder, the Q-Former and the projection
        (bfloat16 on a CPU with bfloat16 instructions only; elsewhere nothing is packed). A tied
-       ``lm_head`` stays dense unless ``pack_tied``: packing it needs a second copy of the embedding
-       matrix (0.26 GB, 3.5% of blip2-opt-2.7b) for about 5% of decode time (0.094-0.099 s/token with
-       it dense against 0.087-0.093 packed, interleaved runs, quiet machine);
+       ``lm_head`` (OPT) is packed too unless ``pack_tied`` is False: that needs a second copy of the
+       embedding matrix (0.26 GB, 3.5% of blip2-opt-2.7b) and saves 5-8% of decode time (0.087-0.091
+       s/token packed against 0.094-0.099 dense, interleaved runs on a quiet machine);
     3. with ``int8``: :func:`quantize_int8` on the language model instead of packing it (opt-in);
     4. eager attention in the vision encoder (257 tokens, head size 88): 0.77-0.83 s per image against
-       0.87-0.91 s with sdpa (packed weights, best of 4, 2 threads). The language model keeps sdpa.
+       0.87-0.91 s with sdpa (packed weights, best of 4, 2 threads);
+    5. eager attention in a decoder-only language model (OPT, Vicuna), for exactness: in bfloat16, sdpa
+       computes a follow-up turn's new tokens over a reused key/value cache differently (not bit for
+       bit) from the whole prompt at once, so prefix reuse changed a greedy answer for 2 (OPT) and 5
+       (Vicuna) of 20 tiny-model conversations; with eager attention, 0 of 20 for both (float32: 0 with
+       either). Decode speed is the same within noise (one query row). Flan-T5 keeps its default.
 
     Nothing is applied on a GPU or to a bitsandbytes-quantised model. Returns :func:`applied`.
     """
@@ -480,6 +498,11 @@ def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool =
         with contextlib.suppress(Exception):
             set_attention(vision, vision_attention)
             _mark(model, f"vision-{vision_attention}")
+    decoder_only = not getattr(getattr(language_model, "config", None), "is_encoder_decoder", True)
+    if language_attention and decoder_only and f"lm-{language_attention}" not in applied(model):
+        with contextlib.suppress(Exception):
+            set_attention(language_model, language_attention)
+            _mark(model, f"lm-{language_attention}")
     return applied(model)
 
 

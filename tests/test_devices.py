@@ -33,6 +33,9 @@ CPU_OLD = Hardware(cuda=False, cuda_bf16=False, cpu_bf16=False)
         (OPT, GPU_BF16, LoadOptions(quantization="8bit"), "cuda", "float16", "8bit"),
         (T5, GPU_BF16, LoadOptions(quantization="4bit"), "cuda", "bfloat16", "4bit"),
         (OPT, CPU_BF16, LoadOptions(quantization="8bit"), "cpu", "bfloat16", "8bit"),
+        (OPT, CPU_BF16, LoadOptions(quantization="int8-cpu"), "cpu", "bfloat16", "int8-cpu"),
+        (T5, CPU_OLD, LoadOptions(quantization="int8-cpu"), "cpu", "float32", "int8-cpu"),
+        (VICUNA, GPU_BF16, LoadOptions(device="cpu", quantization="int8-cpu"), "cpu", "bfloat16", "int8-cpu"),
     ],
 )
 def test_precision_policy(lm, hardware, options, device, dtype, quantization):
@@ -77,3 +80,21 @@ def test_bitsandbytes_configs_follow_the_docs():
     assert config4.load_in_4bit and config4.bnb_4bit_quant_type == "nf4"
     assert str(config4.bnb_4bit_compute_dtype) == "torch.bfloat16"
     assert quantization_config(plan_load(OPT, LoadOptions(), GPU_BF16)) is None
+
+
+def test_int8_cpu_is_refused_on_a_gpu_with_the_alternative_named():
+    with pytest.raises(ModelLoadError, match="8bit or 4bit"):
+        plan_load(OPT, LoadOptions(quantization="int8-cpu"), GPU_BF16)
+    plan = plan_load(OPT, LoadOptions(quantization="int8-cpu"), CPU_BF16)
+    assert plan.device_map == {"": "cpu"} and plan.precision_label == "int8-cpu"
+    assert any("int8" in note for note in plan.notes)
+
+
+def test_cpu_speedups_can_be_turned_off_from_the_command_line_and_the_environment(monkeypatch):
+    from blip_app.config import parse_config
+
+    assert parse_config([]).load.cpu_speedups is True
+    assert parse_config(["--no-cpu-speedups"]).load.cpu_speedups is False
+    monkeypatch.setenv("BLIP_APP_CPU_SPEEDUPS", "0")
+    assert parse_config([]).load.cpu_speedups is False
+    assert parse_config(["--quantization", "int8-cpu"]).load.quantization == "int8-cpu"
