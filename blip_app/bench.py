@@ -7,9 +7,9 @@ Two paths over the same checkpoint, one after the other in one process (never bo
   ``processor(images=..., text=...)`` and ``model.generate`` on the whole prompt: the image is encoded
   again and a chat's whole history is read again on every turn; requests queue one at a time, as in a
   demo with the default queue.
-* **blip_app** — :class:`blip_app.service.Service` (model manager, engine, feature cache, and whatever
-  the engine does: prefix cache, batching of concurrent requests) plus the CPU accelerations of
-  :mod:`blip_app.speed` (applied here when the engine has not applied them itself; the JSON says which).
+* **blip_app** — :class:`blip_app.service.Service` (model manager, engine, feature cache, prefix cache,
+  batching of concurrent requests) with the CPU accelerations of :mod:`blip_app.speed` that the engine
+  applies at load (the JSON lists them; ``--no-speed`` turns them off).
 
 Measured: caption latency (greedy and 5-beam, 20 tokens), a second caption and a question on the same
 image (is the vision encoder skipped?), chat turns 1 to 5 (10-token answers, greedy), decode seconds per
@@ -60,7 +60,8 @@ GB = 1e9
 REQUIRED_METRICS = (
     "environment.threads", "environment.device", "environment.torch", "environment.transformers",
     "model.source", "model.parameters", "model.weights_gb", "model.language_model_gb",
-    "bandwidth.gbs", "bandwidth.decode_floor_s", "bandwidth.caption_floor_s",
+    "bandwidth.gbs", "bandwidth.decode_floor_s", "bandwidth.caption_floor_s", "bandwidth.matmul_peak_flops",
+    "bandwidth.caption_compute_flops", "bandwidth.caption_compute_floor_s",
     "baseline.load_s", "baseline.caption_s", "baseline.caption_beam5_s", "baseline.second_caption_s",
     "baseline.question_same_image_s", "baseline.chat_turns_s", "baseline.decode_s_per_token",
     "baseline.ttft_s", "baseline.vision_s", "baseline.one_request_s", "baseline.four_different_s",
@@ -97,8 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--second-model", default="tiny",
                         help="the other model for the switch measurement: 'tiny' (built offline) or any --model value")
+    parser.add_argument("--quantization", default="none", choices=("none", "int8-cpu", "8bit", "4bit"),
+                        help="blip_app's path only (the baseline stays as documented); default: %(default)s")
     parser.add_argument("--no-speed", action="store_true",
-                        help="do not apply blip_app.speed in the bench (measure the engine exactly as it loads)")
+                        help="load blip_app's model with --no-cpu-speedups (exactly as from_pretrained makes it)")
     parser.add_argument("--realsize-dir", default=None, help="where random-weight checkpoints are cached")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each measurement, wait up to SECONDS for other processes to leave the CPUs "
@@ -347,6 +350,81 @@ class _Blocks:
         return values
 
 
+def _quick_bandwidth(device: str) -> float:
+    """Memory read bandwidth now (GB/s; a short measurement), for the floor of an adjacent decode measurement."""
+    if device.startswith("cuda"):
+        return _bandwidth(device, True)["best"]
+    from .speed import measure_bandwidth
+
+    return measure_bandwidth(gigabytes=0.5, repeats=3)["best"]
+
+
+def _matmul_peak(device: str, dtype: Any) -> dict[str, float]:
+    """The machine's measured matrix-multiplication peak in FLOP/s for ``dtype``: best of a square GEMM
+    and the vision encoder's own shapes (257 tokens x 1408 -> 6144), a few repetitions each."""
+    import torch
+
+    clock = _Clock(device)
+    shapes = {"square_2048": (2048, 2048, 2048), "vision_mlp_257x1408x6144": (257, 1408, 6144),
+              "prefill_44x2560x10240": (44, 2560, 10240)}
+    results: dict[str, float] = {}
+    for name, (m, k, n) in shapes.items():
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        torch.matmul(a, b)
+        best = min(clock(lambda a=a, b=b: torch.matmul(a, b))[0] for _ in range(5))
+        results[name] = 2 * m * k * n / best
+    results["best"] = max(results.values())
+    return results
+
+
+def _caption_flops(model: Any, inputs: Any) -> float | None:
+    """Matrix FLOPs of one caption's compute-bound part (vision encoder, Q-Former, prompt prefill and the
+    first token) on the plain model: every ``nn.Linear`` (hooks) plus attention's matrix products
+    (``torch.matmul``/``bmm``/``scaled_dot_product_attention``, caught by a function mode). None if it
+    cannot count. (torch's FlopCounterMode trips over ``generate`` in torch 2.14: its module tracker
+    needs autograd.)"""
+    import torch
+    from torch import nn
+    from torch.overrides import TorchFunctionMode
+
+    total = [0.0]
+
+    def linear_hook(module: nn.Linear, args: tuple, output: Any) -> None:
+        rows = args[0].numel() // module.in_features
+        total[0] += 2.0 * rows * module.in_features * module.out_features
+
+    class _Matmuls(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+            kwargs = kwargs or {}
+            if func in (torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.__matmul__) and len(args) >= 2:
+                a, b = args[0], args[1]
+                if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 2 and b.dim() >= 2:
+                    total[0] += 2.0 * a.numel() * b.shape[-1]  # (.., m, k) @ (.., k, n)
+            elif func is torch.nn.functional.scaled_dot_product_attention and len(args) >= 3:
+                q, k = args[0], args[1]
+                total[0] += 4.0 * q.numel() * k.shape[-2]  # q @ k^T and weights @ v
+            return func(*args, **kwargs)
+
+    hooks = [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        with _Matmuls(), torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False, num_beams=1)
+        return total[0]
+    except Exception:  # noqa: BLE001 - an optional figure
+        log.warning("could not count the caption's FLOPs", exc_info=True)
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _adjacent_floor(language_bytes: int, before: float, after: float) -> dict[str, float]:
+    best = max(before, after)
+    return {"decode_bandwidth_gbs": best, "decode_bandwidth_before_after_gbs": [before, after],
+            "decode_floor_s": language_bytes / (best * GB) if best else math.nan}
+
+
 def wait_for_quiet(limit: float, threshold: float = 0.10, sample: float = 0.5) -> float:
     """Wait (at most ``limit`` seconds) until other processes use less than ``threshold`` of the CPUs."""
     if limit <= 0:
@@ -428,13 +506,22 @@ def run_baseline(source: str, args: argparse.Namespace, plan: Any, style: Any, i
 
     block("chat", chat)
 
+    language_bytes = _tensor_bytes(model.language_model)
+
     def decode() -> dict[str, Any]:
-        # Streamer callbacks: the first call carries the prompt, then one call per new token.
-        timer = _TokenTimes()
-        started = time.perf_counter()
-        generate(images.fresh(), caption_text, DECODE_TOKENS + 1, streamer=timer)
-        return {"ttft_s": timer.times[1] - started,
-                "decode_s_per_token": _median([b - a for a, b in zip(timer.times[1:], timer.times[2:])])}
+        # Streamer callbacks: the first call carries the prompt, then one call per new token. The memory
+        # bandwidth is measured right before and after: on a shared host it changes from minute to minute.
+        rounds = []
+        for _ in range(1 if args.quick else 2):
+            before = _quick_bandwidth(device)
+            timer = _TokenTimes()
+            started = time.perf_counter()
+            generate(images.fresh(), caption_text, DECODE_TOKENS + 1, streamer=timer)
+            step = _median([b - a for a, b in zip(timer.times[1:], timer.times[2:])])
+            rounds.append((step, before, _quick_bandwidth(device), timer.times[1] - started))
+        step, before, after, ttft = min(rounds)
+        return {"ttft_s": min(r[3] for r in rounds), "decode_s_per_token": step,
+                "decode_rounds": [list(r) for r in rounds], **_adjacent_floor(language_bytes, before, after)}
 
     block("decode", decode)
 
@@ -444,6 +531,8 @@ def run_baseline(source: str, args: argparse.Namespace, plan: Any, style: Any, i
             return {"vision_s": _best([clock(lambda: model.vision_model(pixel_values=pixels))[0] for _ in range(reps)])}
 
     block("vision", vision)
+    out["caption_compute_flops"] = _caption_flops(
+        model, _baseline_inputs(processor, images.fresh(), caption_text, device, dtype))
 
     # Concurrency: a demo with the default queue runs requests one after another.
     block("one request", lambda: {"one_request_s": timed_caption(images.fresh())})
@@ -532,17 +621,12 @@ def run_blip_app(source: str, args: argparse.Namespace, options: Any, images: _I
     weights = _weight_stats(loaded.model)
     if engine_applied:
         weights["note"] = "counted after the engine's accelerations (a packed copy of a tied matrix counts twice)"
-    if args.no_speed or device != "cpu":
-        out["speed_applied_by"] = "engine" if engine_applied else "none"
-    elif engine_applied:
-        out["speed_applied_by"] = "engine"
-    else:
-        speed.apply_cpu_defaults(loaded.model)
-        out["speed_applied_by"] = "bench (engine does not apply blip_app.speed yet)"
-    out["speed_applied"] = list(speed.applied(loaded.model))
+    out["speed_applied_by"] = "engine" if engine_applied else "none"
+    out["speed_applied"] = list(engine_applied)
     out["load_s"] = time.perf_counter() - started
     out["rss_after_load_gb"] = _rss_gb()
     features = loaded.features
+    language_bytes = weights["language_model_bytes"]
 
     def checked(reply: Any, expected: int) -> Any:
         if reply.new_tokens != expected:
@@ -587,15 +671,27 @@ def run_blip_app(source: str, args: argparse.Namespace, options: Any, images: _I
     block("chat", chat)
 
     def decode() -> dict[str, Any]:
-        # Intervals between streamed tokens on an image whose features are cached; then a new image.
+        # Decode steps on an image whose features are cached: a caption of 1 + DECODE_TOKENS tokens minus
+        # one of 1 token, per token (non-streamed requests), in rounds with the memory bandwidth measured
+        # before and after each (this host's bandwidth moves between about 50 and 85 GB/s within a
+        # minute, invisibly to the CPU counters): the best round and the bandwidth next to it count.
         image = images.fresh()
         caption(image)
         long = {"max_new_tokens": DECODE_TOKENS + 1, "min_new_tokens": DECODE_TOKENS + 1}
+        rounds = []
+        for _ in range(1 if args.quick else 3):
+            before = _quick_bandwidth(device)
+            one_s = clock(lambda: caption(image, {"max_new_tokens": 1, "min_new_tokens": 1}))[0]
+            long_s = clock(lambda: caption(image, long))[0]
+            rounds.append((max(long_s - one_s, 0.0) / DECODE_TOKENS, before, _quick_bandwidth(device)))
+        step, before, after = min(rounds)
         started = time.perf_counter()
         times, _ = _stream_times(service.stream(source, image, service.request(Task.CAPTION, preset=fast,
                                                                                  overrides=long)))
-        values = {"decode_s_per_token": _median([b - a for a, b in zip(times, times[1:])]),
-                  "ttft_cached_image_s": times[0] - started if times else math.nan}
+        values = {"decode_s_per_token": step, "decode_rounds": [list(r) for r in rounds],
+                  "decode_streaming_s_per_token": _median([b - a for a, b in zip(times, times[1:])]),
+                  "ttft_cached_image_s": times[0] - started if times else math.nan,
+                  **_adjacent_floor(language_bytes, before, after)}
         started = time.perf_counter()
         times, _ = _stream_times(service.stream(source, images.fresh(), service.request(Task.CAPTION, preset=fast,
                                                                                           overrides=greedy)))
@@ -704,11 +800,13 @@ def build_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     x_floor = ours["decode_x_floor"]
     add("decode s/token", "decode_s_per_token", ours["decode_s_per_token"],
         f"<= 1.3x floor ({band['decode_floor_s']:.3f} s: {result['model']['language_model_gb']:.2f} GB at "
-        f"{band['gbs']:.1f} GB/s)", x_floor, "the floor", None if x_floor is None else x_floor <= 1.3)
+        f"{band['gbs']:.1f} GB/s, measured next to it)", x_floor, "the floor",
+        None if x_floor is None else x_floor <= 1.3)
     cap_floor = band["caption_floor_s"]
     cap_x = _ratio(ours["caption_s"], cap_floor)
     add("greedy 20-token caption, new image", "caption_s", ours["caption_s"],
-        f"<= 1.3x its floor ({cap_floor:.2f} s: vision + Q-Former + 20 decode floors)", cap_x, "the floor",
+        f"<= 1.3x its floor ({cap_floor:.2f} s: {band.get('caption_floor_how', 'vision + Q-Former + 20 decode floors')})",
+        cap_x, "the floor",
         None if cap_x is None else cap_x <= 1.3)
     add("second caption, same image", "second_caption_s", ours["second_caption_s"], "vision encoder skipped",
         _ratio(ours["second_caption_s"], ours["first_caption_s"]), "the first caption",
@@ -749,8 +847,15 @@ def render_table(result: dict[str, Any]) -> str:
     lines.append(f"Model: {model['source']} ({model['how']}); {model['parameters'] / 1e9:.2f} B parameters, "
                  f"{model['weights_gb']:.2f} GB of weights ({model['language_model_gb']:.2f} GB language model)")
     lines.append(f"Device: {env['device']} ({env['cpu']}), {env['threads']} threads, torch {env['torch']}, "
-                 f"transformers {env['transformers']}; memory read bandwidth {band['gbs']:.1f} GB/s "
-                 f"-> decode floor {band['decode_floor_s']:.3f} s/token")
+                 f"transformers {env['transformers']}; memory read bandwidth {band['gbs']:.1f} GB/s next to the "
+                 f"decode measurement (best in the run {band['best_in_run_gbs']:.1f}) -> decode floor "
+                 f"{band['decode_floor_s']:.3f} s/token")
+    if band.get("matmul_peak_flops"):
+        flops = band.get("caption_compute_flops")
+        lines.append(f"Matrix-multiplication peak {band['matmul_peak_flops']['best'] / 1e9:.0f} GFLOP/s ({model['dtype']}); "
+                     + (f"a caption's vision encoder + Q-Former + prefill: {flops / 1e9:.0f} GFLOP -> "
+                        f"{band['caption_compute_floor_s']:.2f} s at the peak; " if flops else "")
+                     + f"caption floor {band['caption_floor_s']:.2f} s ({band.get('caption_floor_how')})")
     lines.append(f"blip_app accelerations: {', '.join(result['blip_app']['speed_applied']) or 'none'} "
                  f"(applied by {result['blip_app']['speed_applied_by']})")
     lines.append("")
@@ -771,14 +876,16 @@ def render_table(result: dict[str, Any]) -> str:
         ("5-beam caption, 20 tokens", "caption_beam5_s"),
         ("second caption, same image", "second_caption_s"), ("question, same image", "question_same_image_s"),
         ("chat turns 1-5", "chat_turns_s"), ("decode s/token", "decode_s_per_token"),
+        ("decode s/token, streaming", "decode_streaming_s_per_token"),
+        ("memory bandwidth next to the decode measurement (GB/s)", "decode_bandwidth_gbs", ""),
         ("time to first token, new image", "ttft_s"), ("time to first token, known image", "ttft_cached_image_s"),
         ("vision encoder", "vision_s"), ("Q-Former + projection", "qformer_s"),
         ("1 request", "one_request_s"), ("4 requests, different images", "four_different_s"),
         ("4 requests, same image", "four_same_s"), ("switch to the other model", "switch_away_s"),
         ("switch back", "switch_back_s"), ("first request after switching back", "switch_back_request_s"),
     ]
-    for label, key in rows:
-        lines.append(f"| {label} | {_fmt(base.get(key))} | {_fmt(ours.get(key))} |")
+    for label, key, *unit in rows:
+        lines.append(f"| {label} | {_fmt(base.get(key), *unit)} | {_fmt(ours.get(key), *unit)} |")
     for label, key in (("throughput, 1 request (req/s)", "1"), ("throughput, 4 different (req/s)", "4_different"),
                        ("throughput, 4 same image (req/s)", "4_same")):
         lines.append(f"| {label} | {_fmt((base.get('throughput_rps') or {}).get(key), '')} "
@@ -832,7 +939,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     reps = 1 if args.quick else 2
     source, how = resolve_source(args)
-    options = LoadOptions(device=args.device, precision=args.precision, local_files_only=Path(source).is_dir())
+    options = LoadOptions(device=args.device, precision=args.precision, quantization=args.quantization,
+                          local_files_only=Path(source).is_dir(), cpu_speedups=not args.no_speed)
     if Path(source).is_dir():
         kind = read_kind(source)
     else:
@@ -859,6 +967,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                               "notes": []}
     started = time.perf_counter()
     bandwidth = _bandwidth(plan.device, args.quick, args.bandwidth_gb, args.wait_quiet)
+    from .engine import DTYPES
+
+    peak = _matmul_peak(plan.device, DTYPES[plan.dtype])
     images = _Images()
     baseline = None
     from .speed import OtherLoad
@@ -879,21 +990,44 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth_after = _bandwidth(plan.device, True, args.bandwidth_gb, args.wait_quiet)
     weights = (baseline or {}).pop("_weights", None) or ours.get("_weights") or {}
     ours.pop("_weights", None)
-    best_bandwidth = max(bandwidth["best"], bandwidth_after["best"])
-    decode_floor = weights.get("language_model_bytes", 0) / (best_bandwidth * GB)
-    caption_floor = ours["vision_s"] + ours["qformer_s"] + CAPTION_TOKENS * decode_floor
+    language_bytes = weights.get("language_model_bytes", 0)
+    measured = [bandwidth["best"], bandwidth_after["best"], ours.get("decode_bandwidth_gbs") or 0.0,
+                (baseline or {}).get("decode_bandwidth_gbs") or 0.0]
+    best_bandwidth = max(measured)
+    # The floor that counts is the one measured next to each decode measurement: this host's bandwidth
+    # moves by up to 2x from minute to minute (other virtual machines), invisibly to the CPU counters.
+    decode_floor = ours.get("decode_floor_s") or language_bytes / (best_bandwidth * GB)
+    # The caption's floor as the issue defines it: its compute-bound part (vision encoder, Q-Former,
+    # prefill: FLOPs counted on the plain model) at the measured matmul peak, then the remaining decode
+    # steps at the bandwidth floor. The looser "measured vision + Q-Former + 20 decode floors" is kept too.
+    flops = (baseline or {}).get("caption_compute_flops")
+    compute_floor = flops / peak["best"] if flops and peak.get("best") else None
+    caption_floor_measured_vision = ours["vision_s"] + ours["qformer_s"] + CAPTION_TOKENS * decode_floor
+    caption_floor = (compute_floor + (CAPTION_TOKENS - 1) * decode_floor if compute_floor is not None
+                     else caption_floor_measured_vision)
     result["model"] = {"source": source, "how": how, "parameters": weights.get("parameters", 0),
                        "weights_gb": weights.get("weights_bytes", 0) / GB,
-                       "language_model_gb": weights.get("language_model_bytes", 0) / GB,
+                       "language_model_gb": language_bytes / GB,
                        "dtype": plan.dtype, "family": kind.family.value, "language_model": kind.language_model.value}
-    result["bandwidth"] = {"gbs": best_bandwidth, "start": bandwidth, "end": bandwidth_after,
-                           "decode_floor_s": decode_floor, "caption_floor_s": caption_floor,
-                           "method": "best of read-only reductions (float64/float32/bfloat16 sum, float32 amax) "
-                                     "over a 1 GB buffer, at the start and at the end of the run"}
+    result["bandwidth"] = {"gbs": ours.get("decode_bandwidth_gbs") or best_bandwidth,
+                           "best_in_run_gbs": best_bandwidth,
+                           "start": bandwidth, "end": bandwidth_after,
+                           "decode_floor_s": decode_floor,
+                           "best_in_run_floor_s": language_bytes / (best_bandwidth * GB),
+                           "caption_floor_s": caption_floor,
+                           "caption_floor_how": ("compute at the matmul peak + 19 decode floors" if compute_floor
+                                                 is not None else "measured vision + Q-Former + 20 decode floors"),
+                           "caption_compute_flops": flops, "caption_compute_floor_s": compute_floor,
+                           "caption_floor_measured_vision_s": caption_floor_measured_vision,
+                           "matmul_peak_flops": peak,
+                           "method": "best of read-only reductions (float64/float32/bfloat16 sum, float32 amax) over "
+                                     "a 0.5-1 GB buffer; the decode floor uses the bandwidth measured right before and "
+                                     "after blip_app's decode measurement (the baseline's, next to its own)"}
     ours["decode_x_floor"] = ours["decode_s_per_token"] / decode_floor if decode_floor else None
     ours["rss_x_weights"] = _ratio(ours["rss_gb"], result["model"]["weights_gb"])
     if baseline is not None:
-        baseline["decode_x_floor"] = baseline["decode_s_per_token"] / decode_floor if decode_floor else None
+        floor = baseline.get("decode_floor_s") or decode_floor
+        baseline["decode_x_floor"] = baseline["decode_s_per_token"] / floor if floor else None
         baseline["rss_x_weights"] = _ratio(baseline["rss_gb"], result["model"]["weights_gb"])
     ours["model_rss_x_weights"] = _ratio(ours["rss_gb"] - ours["rss_before_load_gb"], result["model"]["weights_gb"])
     # What 4 requests on 4 new images cannot avoid: 4 vision-encoder passes and 4 prompt prefills are

@@ -110,12 +110,17 @@ def test_cpu_defaults_keep_outputs_and_free_the_mapped_file(shrunk_opt: Path) ->
     with torch.inference_mode():
         expected = model.language_model(input_ids=ids).logits
     assert speed.mapped_bytes(model) > 0
-    applied = speed.apply_cpu_defaults(model)
-    assert "resident" in applied
+    # Resident copies and packed kernels give the same numbers up to bfloat16 rounding (oneDNN blocks
+    # some multi-row products differently from the dense kernel; eager attention, the last default, is
+    # another algorithm: tests/test_engine.py checks the accuracy of the whole).
+    applied = speed.apply_cpu_defaults(model, language_attention=None)
+    assert "resident" in applied and "lm-eager" not in applied
     assert speed.mapped_bytes(model) == 0
-    assert speed.apply_cpu_defaults(model) == applied  # idempotent
+    assert speed.apply_cpu_defaults(model, language_attention=None) == applied  # idempotent
     with torch.inference_mode():
-        assert torch.equal(model.language_model(input_ids=ids).logits, expected)
+        got = model.language_model(input_ids=ids).logits
+        assert torch.allclose(got.float(), expected.float(), rtol=0.02, atol=0.01 * expected.abs().max().item())
+    assert "lm-eager" in speed.apply_cpu_defaults(model)
     assert model.get_memory_footprint() > 0  # the manager's memory accounting still works
 
 
@@ -161,6 +166,8 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tiny_checkpoints: dict[str, Path]
         for part in path.split("."):
             assert part in value, f"{path} missing from the bench JSON"
             value = value[part]
+    assert saved["bandwidth"]["caption_compute_flops"] > 0 and saved["bandwidth"]["matmul_peak_flops"]["best"] > 0
+    assert saved["bandwidth"]["caption_floor_s"] > saved["bandwidth"]["caption_compute_floor_s"] > 0
     ours = saved["blip_app"]
     assert len(ours["chat_turns_s"]) == 5 and len(saved["baseline"]["chat_turns_s"]) == 5
     assert ours["second_caption_vision_skipped"] and ours["question_vision_skipped"]
