@@ -623,6 +623,7 @@ def run_blip_app(source: str, args: argparse.Namespace, options: Any, images: _I
         weights["note"] = "counted after the engine's accelerations (a packed copy of a tied matrix counts twice)"
     out["speed_applied_by"] = "engine" if engine_applied else "none"
     out["speed_applied"] = list(engine_applied)
+    out["kernel_choice"] = speed.kernel_choice(loaded.model)
     out["load_s"] = time.perf_counter() - started
     out["rss_after_load_gb"] = _rss_gb()
     features = loaded.features
@@ -858,6 +859,11 @@ def render_table(result: dict[str, Any]) -> str:
                      + f"caption floor {band['caption_floor_s']:.2f} s ({band.get('caption_floor_how')})")
     lines.append(f"blip_app accelerations: {', '.join(result['blip_app']['speed_applied']) or 'none'} "
                  f"(applied by {result['blip_app']['speed_applied_by']})")
+    choice = result["blip_app"].get("kernel_choice") or {}
+    if "dense_s" in choice:
+        lines.append(f"Decode kernels measured at load on {choice['sample_gb']:.2f} GB of the language model: dense "
+                     f"{choice['dense_s'] * 1e3:.1f} ms, packed {choice['packed_s'] * 1e3:.1f} ms per row -> "
+                     f"{'packed' if choice['packed'] else 'dense'}")
     lines.append("")
     lines.append("| metric | baseline | blip_app | speedup | measured | target | met? |")
     lines.append("|---|---|---|---|---|---|---|")

@@ -298,10 +298,15 @@ class PackedLinear(nn.Module):
         return self.packed_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is torch.bfloat16:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-        out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed_weight, self.bias, "none", [], "")
-        return out.to(x.dtype)
+        # oneDNN is handed a 2-D matrix: with the (batch, tokens, features) input of a transformer it
+        # ran about 2 times slower (one decode row of OPT-2.7b's layers: 134 ms 3-D, 62 ms 2-D).
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        if rows.dtype is not torch.bfloat16:
+            rows = rows.to(torch.bfloat16)
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
+        out = out.reshape(*shape[:-1], self.out_features)
+        return out if x.dtype is torch.bfloat16 else out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
@@ -457,25 +462,78 @@ def applied(model: nn.Module) -> tuple[str, ...]:
     return tuple(names)
 
 
+def decode_kernel_choice(language_model: nn.Module, *, sample_bytes: float = 0.35e9, rounds: int = 7
+                         ) -> dict[str, Any]:
+    """Whether packed kernels decode faster than the dense ones on this machine, measured on the model.
+
+    One decode row (batch 1, one token) through a sample of the language model's own bfloat16 linear
+    layers (its first layers, about ``sample_bytes``: more than the caches hold), dense and packed,
+    interleaved ``rounds`` times; the medians decide, packed only when at least 10% faster. The packed
+    copies are freed afterwards. It has to be measured: on one host packed kernels decoded
+    blip2-opt-2.7b twice as fast (0.093 against 0.195 s/token), on another of the same kind 40% slower
+    (0.67-0.71 against 0.45-0.49 s/token), while for the 257-row products of the vision encoder they won on
+    both. About half a second at the real size. Returns the timings and the decision (``packed``).
+    """
+    sample: list[nn.Linear] = []
+    total = 0
+    for parent_name, attr in _linear_slots(language_model):
+        layer = getattr(language_model.get_submodule(parent_name), attr)
+        if layer.weight.device.type != "cpu" or layer.weight.dtype is not torch.bfloat16:
+            continue
+        sample.append(layer)
+        total += layer.weight.numel() * layer.weight.element_size()
+        if total >= sample_bytes:
+            break
+    if not sample or not packing_supported():
+        return {"packed": False, "reason": "nothing to pack here"}
+    packed = [PackedLinear(layer) for layer in sample]
+    generator = torch.Generator().manual_seed(0)
+    rows = {n: torch.randn(1, n, generator=generator).to(torch.bfloat16) for n in {l.in_features for l in sample}}
+    times: dict[str, list[float]] = {"dense": [], "packed": []}
+    with torch.inference_mode():
+        for layers in (sample, packed):  # first touch, oneDNN primitive creation
+            for layer in layers:
+                layer(rows[layer.in_features])
+        for _ in range(rounds):
+            for name, layers in (("dense", sample), ("packed", packed)):
+                started = time.perf_counter()
+                for layer in layers:
+                    layer(rows[layer.in_features])
+                times[name].append(time.perf_counter() - started)
+    del packed
+    release_free_memory()
+    dense_s, packed_s = median(times["dense"]), median(times["packed"])
+    return {"packed": packed_s < 0.9 * dense_s, "dense_s": dense_s, "packed_s": packed_s,
+            "sample_gb": total / 1e9, "layers": len(sample), "rounds": rounds}
+
+
+def kernel_choice(model: nn.Module) -> dict[str, Any] | None:
+    """What :func:`decode_kernel_choice` measured when :func:`apply_cpu_defaults` ran (None if it did not)."""
+    return getattr(model, "_blip_app_kernel_choice", None)
+
+
 def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool = True, int8: bool = False,
-                       vision_attention: str | None = "eager",
+                       pack_language: bool | None = None, vision_attention: str | None = None,
                        language_attention: str | None = "eager") -> tuple[str, ...]:
     """What blip_app does to a BLIP-2 / InstructBLIP model on a CPU after loading; idempotent.
 
-    1. :func:`make_resident` for every weight still memory-mapped (huge pages);
-    2. :func:`pack_linears` on the language model, the vision encoder, the Q-Former and the projection
-       (bfloat16 on a CPU with bfloat16 instructions only; elsewhere nothing is packed). A tied
-       ``lm_head`` (OPT) is packed too unless ``pack_tied`` is False: that needs a second copy of the
-       embedding matrix (0.26 GB, 3.5% of blip2-opt-2.7b) and saves 5-8% of decode time (0.087-0.091
-       s/token packed against 0.094-0.099 dense, interleaved runs on a quiet machine);
-    3. with ``int8``: :func:`quantize_int8` on the language model instead of packing it (opt-in);
-    4. eager attention in the vision encoder (257 tokens, head size 88): 0.77-0.83 s per image against
-       0.87-0.91 s with sdpa (packed weights, best of 4, 2 threads);
-    5. eager attention in a decoder-only language model (OPT, Vicuna), for exactness: in bfloat16, sdpa
+    1. :func:`make_resident` for every weight still memory-mapped (huge pages): decode 0.52 -> 0.47
+       s/token here (blip2-opt-2.7b, 2 threads);
+    2. :func:`pack_linears` on the vision encoder, the Q-Former and the projection (bfloat16 on a CPU
+       with bfloat16 instructions only): the vision encoder took 1.11-1.24 s packed against 1.48-1.68
+       dense (best and median of 4);
+    3. the language model packed too when :func:`decode_kernel_choice` measures that it decodes faster
+       (``pack_language`` None), or as ``pack_language`` says. A tied ``lm_head`` (OPT) is packed with
+       it unless ``pack_tied`` is False (a second copy of the embedding matrix, 0.26 GB for OPT-2.7b);
+    4. with ``int8``: :func:`quantize_int8` on the language model instead (opt-in);
+    5. ``vision_attention``: left to transformers (sdpa) by default: with packed weights sdpa took
+       1.11-1.24 s per image here against 1.27-1.58 eager (another host had measured the opposite,
+       0.87-0.91 against 0.77-0.83, hence the option);
+    6. eager attention in a decoder-only language model (OPT, Vicuna), for exactness: in bfloat16, sdpa
        computes a follow-up turn's new tokens over a reused key/value cache differently (not bit for
        bit) from the whole prompt at once, so prefix reuse changed a greedy answer for 2 (OPT) and 5
        (Vicuna) of 20 tiny-model conversations; with eager attention, 0 of 20 for both (float32: 0 with
-       either). Decode speed is the same within noise (one query row). Flan-T5 keeps its default.
+       either). Decode speed: 0.454 eager against 0.465 s/token sdpa here. Flan-T5 keeps its default.
 
     Nothing is applied on a GPU or to a bitsandbytes-quantised model. Returns :func:`applied`.
     """
@@ -491,8 +549,19 @@ def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool =
     language_model = getattr(model, "language_model", model)
     if int8 and "int8" not in done:
         quantize_int8(language_model)
-    if pack and "packed" not in applied(model) and packing_supported():
-        pack_linears(model, skip_tied=not pack_tied)  # int8 layers are no longer nn.Linear: left as they are
+    if pack and packing_supported():
+        if "packed" not in applied(model) and language_model is not model:
+            pack_linears(model, skip=lambda name: name.startswith("language_model."))  # marks "packed"
+        if not {"packed-lm", "dense-lm", "int8"} & set(applied(model)):
+            choice = pack_language
+            if choice is None:
+                measured = decode_kernel_choice(language_model)
+                object.__setattr__(model, "_blip_app_kernel_choice", measured)
+                choice = measured["packed"]
+                if not choice and "dense_s" in measured:
+                    _mark(model, "dense-lm")  # measured: dense decodes faster here
+            if choice and pack_linears(language_model, skip_tied=not pack_tied):
+                _mark(model, "packed-lm")
     vision = getattr(model, "vision_model", None)
     if vision_attention and vision is not None and f"vision-{vision_attention}" not in applied(model):
         with contextlib.suppress(Exception):

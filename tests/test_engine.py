@@ -416,23 +416,33 @@ def test_cpu_speedups_are_applied_at_load_and_keep_the_numbers(tiny_checkpoints,
     assert "resident" in applied and speed.mapped_bytes(fast.model) == 0
     if speed.packing_supported():  # bfloat16 instructions (AVX-512 bf16 / AMX): this machine and CI
         assert "packed" in applied
-        assert any(isinstance(m, speed.PackedLinear) for m in fast.model.language_model.modules())
         assert any(isinstance(m, speed.PackedLinear) for m in fast.model.vision_model.modules())
+        # The language model is packed only where packed kernels measured faster for a decode row.
+        choice = speed.kernel_choice(fast.model)
+        assert choice["dense_s"] > 0 and choice["packed_s"] > 0 and choice["layers"] > 0
+        lm_packed = any(isinstance(m, speed.PackedLinear) for m in fast.model.language_model.modules())
+        assert lm_packed == choice["packed"] == ("packed-lm" in applied) != ("dense-lm" in applied)
     assert ("lm-eager" in applied) == fast.spec.decoder_only
     plain = LoadedModel.load(resolve(str(tiny_checkpoints[family])), LoadOptions(cpu_speedups=False))
     assert speed.applied(plain.model) == ()
     assert not any(isinstance(m, speed.PackedLinear) for m in plain.model.modules())
+    # Whatever the measurement chose here, the other choice must be as good: a second copy, LM packed.
+    forced = LoadedModel.load(resolve(str(tiny_checkpoints[family])), LoadOptions(cpu_speedups=False))
+    speed.apply_cpu_defaults(forced.model, pack_language=True)
+    if speed.packing_supported():
+        assert any(isinstance(m, speed.PackedLinear) for m in forced.model.language_model.modules())
     # Other kernels and another attention algorithm round differently (so a near-tie between two tokens
     # of a random model may flip), but no less accurately: against float32, the accelerated bfloat16
     # model errs about as much as the plain bfloat16 one.
     exact = LoadedModel.load(resolve(str(tiny_checkpoints[family])),
                              LoadOptions(precision="float32", cpu_speedups=False))
-    plain_error = fast_error = 0.0
+    errors = {"plain": 0.0, "fast": 0.0, "forced": 0.0}
     for seed in (40, 41, 42, 43):
         truth = next_token_logits(exact, noise(seed))
-        plain_error += (next_token_logits(plain, noise(seed)) - truth).norm().item() / truth.norm().item()
-        fast_error += (next_token_logits(fast, noise(seed)) - truth).norm().item() / truth.norm().item()
-    assert fast_error <= 1.5 * plain_error + 0.01, (fast_error, plain_error)
+        for name, loaded in (("plain", plain), ("fast", fast), ("forced", forced)):
+            errors[name] += (next_token_logits(loaded, noise(seed)) - truth).norm().item() / truth.norm().item()
+    assert errors["fast"] <= 1.5 * errors["plain"] + 0.01, errors
+    assert errors["forced"] <= 1.5 * errors["plain"] + 0.01, errors
     reply = fast.generate(noise(43), fast.prepare(Task.CAPTION), GenerationSettings(max_new_tokens=4, min_new_tokens=4))
     assert reply.new_tokens == 4
 
@@ -448,7 +458,7 @@ def test_cpu_speedups_are_idempotent_and_skip_float32_layers(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_int8_cpu_quantises_the_language_model_and_stays_close_to_bfloat16(tiny_checkpoints, models, family):
+def test_int8_cpu_quantises_the_language_model_and_stays_close(tiny_checkpoints, models, family):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
     from blip_app import speed
@@ -460,11 +470,17 @@ def test_int8_cpu_quantises_the_language_model_and_stays_close_to_bfloat16(tiny_
     assert layers and all(m.weight().dtype == torch.qint8 for m in layers)
     assert not any(isinstance(m, torch.nn.Linear) and not isinstance(m, speed.PackedLinear)
                    for m in int8.model.language_model.modules())
-    # Same inputs, next-token logits: int8 weights (one scale per output row) stay close to bfloat16.
+    # Same inputs, next-token logits against float32: int8 (one scale per output row, activations
+    # quantised per call) errs more than bfloat16 (measured here 2-4 times as much, 3-10% of the logits'
+    # norm on random tiny models), but within bounds.
+    exact = LoadedModel.load(ref, LoadOptions(precision="float32", cpu_speedups=False))
+    errors = {"bfloat16": 0.0, "int8": 0.0}
+    for seed in (40, 41, 42, 43):
+        truth = next_token_logits(exact, noise(seed))
+        for name, loaded in (("bfloat16", models[family]), ("int8", int8)):
+            errors[name] += (next_token_logits(loaded, noise(seed)) - truth).norm().item() / truth.norm().item() / 4
+    assert errors["int8"] <= min(5 * errors["bfloat16"] + 0.01, 0.15), errors
     image = noise(7)
-    expected, got = next_token_logits(models[family], image), next_token_logits(int8, image)
-    similarity = torch.nn.functional.cosine_similarity(expected, got, dim=0).item()
-    assert similarity > 0.98, similarity
     settings = GenerationSettings(max_new_tokens=5, min_new_tokens=5, num_beams=1)
     reply = int8.generate(image, int8.prepare(Task.CAPTION), settings)
     assert reply.new_tokens == 5
