@@ -4,7 +4,7 @@ Runs the real Service and engine on tiny checkpoints (random text). Saves tests/
 ``test_readme_screenshot`` renders the README picture into tests/artifacts/screenshot.png, and into
 assets/screenshot.png when BLIP_APP_UPDATE_SCREENSHOT=1 (tiny random checkpoints: nothing is staged).
 
-Setup: ``apt-get install -y chromium`` and ``pip install playwright`` (never ``playwright install``).
+Browser set-up: tests/_browser.py.
 """
 
 from __future__ import annotations
@@ -15,40 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _browser import TIMEOUT_MS  # skips this module without chromium or playwright
 from _server import RunningApp, running_app
 
-CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 EXAMPLE = ROOT / "assets" / "examples" / "chelsea.jpg"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-TIMEOUT_MS = 30_000  # the first request imports torch and loads a model
-
-if not CHROMIUM.exists():
-    pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture()
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.errors = []  # uncaught script errors and dialogs; a test fails on any
-    page.on("pageerror", lambda error: page.errors.append(f"page error: {error}"))
-    page.on("dialog", lambda dialog: (page.errors.append(f"dialog: {dialog.message}"), dialog.dismiss()))
-    yield page
-    context.close()
+def page(new_page):
+    return new_page()
 
 
 def open_app(page, url: str) -> None:

@@ -3,7 +3,7 @@
 The app offers two tiny captioning checkpoints and a tiny image-text matching checkpoint (random weights:
 the texts are gibberish, the scores real). Saves tests/artifacts/search.png and tests/artifacts/compare.png.
 
-Setup: ``apt-get install -y chromium`` and ``pip install playwright`` (never ``playwright install``).
+Browser set-up: tests/_browser.py.
 """
 
 from __future__ import annotations
@@ -13,21 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _browser import TIMEOUT_MS  # noqa: F401 - importing it skips this module without chromium or playwright
 from _server import RunningApp, running_app
 
-CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 EXAMPLES = ROOT / "assets" / "examples"
 PHOTOS = ["chelsea.jpg", "rocket.jpg", "coffee.jpg"]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-TIMEOUT_MS = 30_000
-
-if not CHROMIUM.exists():
-    pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
 
 @pytest.fixture(scope="module")
@@ -40,27 +32,13 @@ def app(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFact
         yield running
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture()
-def page(browser, app: RunningApp):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.errors = []
-    page.on("pageerror", lambda error: page.errors.append(f"page error: {error}"))
-    page.on("dialog", lambda dialog: (page.errors.append(f"dialog: {dialog.message}"), dialog.dismiss()))
+def page(new_page, app: RunningApp):
+    page = new_page()
     page.goto(app.url)
     page.locator("#model-status").get_by_text("Not loaded").or_(
         page.locator("#model-status").get_by_text("Ready")).first.wait_for()
-    yield page
-    context.close()
+    return page
 
 
 def screenshot(page, name: str) -> None:

@@ -2,7 +2,7 @@
 
 The server runs in this process on tiny checkpoints, so the tests can make the model "say" anything
 (its ``decode`` is replaced) and can count its forward passes.
-Setup: ``apt-get install -y chromium`` and ``pip install playwright`` (never ``playwright install``).
+Browser set-up: tests/_browser.py.
 """
 
 from __future__ import annotations
@@ -13,30 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _browser import TIMEOUT_MS  # skips this module without chromium or playwright
 from _server import ROOT, RunningApp, running_app
 
 from blip_app.engine import DEVICE_LOCKS, LoadedModel
 
-CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLE = ROOT / "assets" / "examples" / "chelsea.jpg"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-TIMEOUT_MS = 30_000
 HOSTILE = ("<img src=http://127.0.0.1:9/x.png onerror=alert(1)> <script>alert(2)</script> "
            "![p](http://127.0.0.1:9/p.png) <a href=javascript:alert(3)>link</a> **bold**")
-
-if not CHROMIUM.exists():
-    pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +30,12 @@ def app(tiny_checkpoints: dict[str, Path]) -> Iterator[RunningApp]:
 
 
 @pytest.fixture()
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.problems = []
-    page.remote = []
-    page.on("pageerror", lambda error: page.problems.append(f"page error: {error}"))
-    page.on("dialog", lambda dialog: (page.problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
+def page(new_page):
+    page = new_page()
+    page.problems = page.errors  # uncaught script errors and dialogs
+    page.remote = []  # requests to the hostile text's address
     page.on("request", lambda request: page.remote.append(request.url) if ":9/" in request.url else None)
-    yield page
-    context.close()
+    return page
 
 
 def open_with_image(page, url: str) -> None:
