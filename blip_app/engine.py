@@ -15,6 +15,7 @@ the same pieces (``get_image_features`` / the vision model and Q-Former, then
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import hashlib
 import logging
@@ -356,22 +357,68 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+# The request of this thread that was announced to a batcher (LoadedModel.arriving) and not yet queued.
+_ARRIVING: contextvars.ContextVar[tuple[_Batcher, dict[str, bool]] | None] = contextvars.ContextVar(
+    "blip_app_arriving", default=None)
+
+
 class _Batcher:
     """Serves requests that arrive while the device is busy in one batch, without a thread of its own.
 
     Each caller queues its job and waits for the device lock; whoever gets the lock takes every
     queued job with the same settings (up to ``max_batch``), runs them together, and wakes their
     callers. A caller whose job was served by someone else returns without touching the device.
+
+    Requests announced as on their way (:meth:`LoadedModel.arriving`: validated, being prepared) are
+    waited for a moment (``model.coalesce_s``, 20 ms) before a batch starts, so that requests sent
+    together are served together even when one of them reaches the device first: measured at the
+    blip2-opt-2.7b size, 4 simultaneous captions ran as 1 + 3 without this.
     """
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self._pending: list[tuple[_Job, GenerationSettings]] = []
         self._guard = threading.Lock()
+        self.arriving = 0
+
+    @contextlib.contextmanager
+    def announce(self) -> Iterator[None]:
+        state = {"counted": True}
+        with self._guard:
+            self.arriving += 1
+        reset = _ARRIVING.set((self, state))
+        try:
+            yield
+        finally:
+            _ARRIVING.reset(reset)
+            self._arrived(state)
+
+    def _arrived(self, state: dict[str, bool]) -> None:
+        with self._guard:
+            if state["counted"]:
+                state["counted"] = False
+                self.arriving -= 1
+
+    def arrived_here(self) -> None:
+        """This thread's announced request has reached the engine (queued, or not batchable)."""
+        current = _ARRIVING.get()
+        if current is not None and current[0] is self:
+            self._arrived(current[1])
+
+    def _coalesce(self, settings: GenerationSettings) -> None:
+        """Holding the device: wait briefly for announced requests still on their way."""
+        end = time.monotonic() + self.model.coalesce_s
+        while time.monotonic() < end:
+            with self._guard:
+                queued = sum(1 for _, s in self._pending if s == settings)
+                if self.arriving <= 0 or queued >= self.model.max_batch:
+                    return
+            time.sleep(0.001)
 
     def submit(self, job: _Job, settings: GenerationSettings, lock_timeout: float | None) -> None:
         with self._guard:
             self._pending.append((job, settings))
+        self.arrived_here()
         lock = DEVICE_LOCKS.get(self.model.plan.device)
         deadline = None if lock_timeout is None else time.monotonic() + lock_timeout
         while not job.done.is_set():
@@ -380,6 +427,8 @@ class _Batcher:
             wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
             if lock.acquire(timeout=wait):
                 try:
+                    if self.arriving > 0:
+                        self._coalesce(settings)
                     batch = self._take(job, settings)
                     if batch:
                         self.model._run(batch, settings)
@@ -526,6 +575,7 @@ class LoadedModel:
         feature_cache_size: int = 64,
         prefix_cache_bytes: int | None = 1024 * 2**20,
         max_batch: int = 8,
+        coalesce_s: float = 0.02,
     ) -> None:
         self.name = name
         self.model = model
@@ -541,6 +591,7 @@ class LoadedModel:
         self._special = self._special_token_ids()
         self.prefix_cache = PrefixCache(prefix_cache_bytes or 2**62) if spec.decoder_only else None
         self.max_batch = max_batch
+        self.coalesce_s = coalesce_s
         self._batcher = _Batcher(self)
 
     # ---------------------------------------------------------------- load
@@ -589,6 +640,10 @@ class LoadedModel:
         return cls(ref.name, model, processor, spec, plan, checkpoint_generation=generation, **engine_options)
 
     # ---------------------------------------------------------------- phase 1: prepare
+
+    def arriving(self) -> contextlib.AbstractContextManager[None]:
+        """Around preparing and generating one request: batches about to start wait a moment for it."""
+        return self._batcher.announce()
 
     def count_tokens(self, text: str) -> int:
         """Language-model tokens of a prompt text, special tokens included."""
@@ -732,6 +787,7 @@ class LoadedModel:
         if on_text is None and prepared.task is not Task.CHAT and self.max_batch > 1:
             self._batcher.submit(job, settings, lock_timeout)
         else:
+            self._batcher.arrived_here()  # not batchable: no batch waits for it
             lock = DEVICE_LOCKS.get(self.plan.device)
             if not _acquire(lock, job.cancel, lock_timeout):
                 raise BusyError("The model is busy with other requests; please try again in a moment.")

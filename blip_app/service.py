@@ -125,7 +125,7 @@ class Service:
         """Run a validated request to the end and return the engine's Reply."""
         cancel = cancel or _REQUEST_CANCEL.get()
         image = _checked(image)
-        with self.manager.use(model) as loaded:
+        with self.manager.use(model) as loaded, getattr(loaded, "arriving", contextlib.nullcontext)():
             prepared, settings = self._prepare(loaded, request)
             return loaded.generate(image, prepared, settings, cancel=cancel, time_limit=self.time_limit_s)
 

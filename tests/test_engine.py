@@ -485,3 +485,41 @@ def test_int8_cpu_quantises_the_language_model_and_stays_close(tiny_checkpoints,
     reply = int8.generate(image, int8.prepare(Task.CAPTION), settings)
     assert reply.new_tokens == 5
     assert [r.new_tokens for r in chat_turns(int8, image, QUESTIONS[:2], settings)] == [5, 5]
+
+
+def test_requests_sent_together_are_batched_together_even_if_one_reaches_the_device_first(tiny_checkpoints):
+    from blip_app.service import Service
+
+    service = Service([str(tiny_checkpoints["blip2-opt"])], LoadOptions())
+    name = str(tiny_checkpoints["blip2-opt"])
+    loaded = service.manager.get(name)
+    loaded.coalesce_s = 1.0  # generous here, so that a slow test machine cannot make it flaky
+    original = service._prepare
+    started = threading.Barrier(4)
+
+    def prepare(model, request):  # the first request reaches the device at once, the others 50 ms later
+        if threading.current_thread().name != "caption-0":
+            time.sleep(0.05)
+        return original(model, request)
+
+    service._prepare = prepare
+    results = {}
+
+    def caption(i):
+        started.wait()
+        results[i] = service.caption(name, noise(60 + i), overrides={"max_new_tokens": 4})
+
+    threads = [threading.Thread(target=caption, args=(i,), name=f"caption-{i}") for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [results[i].batch_size for i in range(4)] == [4, 4, 4, 4]
+    alone = [service.caption(name, noise(60 + i), overrides={"max_new_tokens": 4}) for i in range(4)]
+    assert [results[i].token_ids for i in range(4)] == [r.token_ids for r in alone]
+    loaded.coalesce_s = 0.02
+    assert loaded._batcher.arriving == 0
+    # A lone request does not wait for the window: nobody else is on the way.
+    started_at = time.monotonic()
+    service.caption(name, noise(70), overrides={"max_new_tokens": 2})
+    assert time.monotonic() - started_at < 1.0
