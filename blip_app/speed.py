@@ -619,6 +619,21 @@ def language_model_bytes(model: nn.Module) -> int:
                if t.dtype.is_floating_point or t.dtype in (torch.int8, torch.qint8)) + _quantized_bytes(language_model)
 
 
+def decode_bytes(model: nn.Module) -> int:
+    """Bytes one decode step must read: :func:`language_model_bytes` without the input-embedding tables
+    (a step looks up one row of each) unless an output layer reads the same tensor (a tied ``lm_head``).
+    For an int8 model, the int8 weights (and the float32 embeddings it keeps are not counted)."""
+    language_model = getattr(model, "language_model", model)
+    read_by_outputs = {id(m.weight) for m in language_model.modules() if type(m) is nn.Linear}
+    total = language_model_bytes(model)
+    seen: set[int] = set()
+    for module in language_model.modules():
+        if isinstance(module, nn.Embedding) and id(module.weight) not in read_by_outputs | seen:
+            seen.add(id(module.weight))
+            total -= module.weight.numel() * module.weight.element_size()
+    return total
+
+
 def _quantized_bytes(module: nn.Module) -> int:
     total = 0
     for sub in module.modules():
