@@ -626,6 +626,7 @@ def run_blip_app(source: str, args: argparse.Namespace, options: Any, images: _I
     out["speed_applied_by"] = "engine" if engine_applied else "none"
     out["speed_applied"] = list(engine_applied)
     out["kernel_choice"] = speed.kernel_choice(loaded.model)
+    out["vision_kernel_choice"] = speed.kernel_choice(loaded.model, "vision")
     out["load_s"] = time.perf_counter() - started
     out["rss_after_load_gb"] = _rss_gb()
     features = loaded.features
@@ -872,6 +873,11 @@ def render_table(result: dict[str, Any]) -> str:
         lines.append(f"Decode kernels measured at load on {choice['sample_gb']:.2f} GB of the language model: dense "
                      f"{choice['dense_s'] * 1e3:.1f} ms, packed {choice['packed_s'] * 1e3:.1f} ms per row -> "
                      f"{'packed' if choice['packed'] else 'dense'}")
+    vision = result["blip_app"].get("vision_kernel_choice") or {}
+    if "dense_s" in vision:
+        lines.append(f"Vision-encoder kernels measured at load on {vision['sample_gb']:.2f} GB of its layers, 257 rows: "
+                     f"dense {vision['dense_s'] * 1e3:.1f} ms, packed {vision['packed_s'] * 1e3:.1f} ms -> "
+                     f"{'packed' if vision['packed'] else 'dense'}")
     lines.append("")
     lines.append("| metric | baseline | blip_app | speedup | measured | target | met? |")
     lines.append("|---|---|---|---|---|---|---|")

@@ -462,8 +462,8 @@ def applied(model: nn.Module) -> tuple[str, ...]:
     return tuple(names)
 
 
-def decode_kernel_choice(language_model: nn.Module, *, sample_bytes: float = 0.35e9, rounds: int = 7
-                         ) -> dict[str, Any]:
+def decode_kernel_choice(language_model: nn.Module, *, sample_bytes: float = 0.35e9, rounds: int = 7,
+                         rows: int = 1) -> dict[str, Any]:
     """Whether packed kernels decode faster than the dense ones on this machine, measured on the model.
 
     One decode row (batch 1, one token) through a sample of the language model's own bfloat16 linear
@@ -476,10 +476,11 @@ def decode_kernel_choice(language_model: nn.Module, *, sample_bytes: float = 0.3
     """
     sample: list[nn.Linear] = []
     total = 0
+    head = language_model.get_output_embeddings() if hasattr(language_model, "get_output_embeddings") else None
     for parent_name, attr in _linear_slots(language_model):
         layer = getattr(language_model.get_submodule(parent_name), attr)
-        if layer.weight.device.type != "cpu" or layer.weight.dtype is not torch.bfloat16:
-            continue
+        if layer is head or layer.weight.device.type != "cpu" or layer.weight.dtype is not torch.bfloat16:
+            continue  # the output head (found first, 50272 rows for OPT) is not a typical layer: the blocks are
         sample.append(layer)
         total += layer.weight.numel() * layer.weight.element_size()
         if total >= sample_bytes:
@@ -488,40 +489,50 @@ def decode_kernel_choice(language_model: nn.Module, *, sample_bytes: float = 0.3
         return {"packed": False, "reason": "nothing to pack here"}
     packed = [PackedLinear(layer) for layer in sample]
     generator = torch.Generator().manual_seed(0)
-    rows = {n: torch.randn(1, n, generator=generator).to(torch.bfloat16) for n in {l.in_features for l in sample}}
+    inputs = {n: torch.randn(rows, n, generator=generator).to(torch.bfloat16) for n in {l.in_features for l in sample}}
     times: dict[str, list[float]] = {"dense": [], "packed": []}
     with torch.inference_mode():
         for layers in (sample, packed):  # first touch, oneDNN primitive creation
             for layer in layers:
-                layer(rows[layer.in_features])
+                layer(inputs[layer.in_features])
         for _ in range(rounds):
             for name, layers in (("dense", sample), ("packed", packed)):
                 started = time.perf_counter()
                 for layer in layers:
-                    layer(rows[layer.in_features])
+                    layer(inputs[layer.in_features])
                 times[name].append(time.perf_counter() - started)
     del packed
     release_free_memory()
     dense_s, packed_s = median(times["dense"]), median(times["packed"])
     return {"packed": packed_s < 0.9 * dense_s, "dense_s": dense_s, "packed_s": packed_s,
-            "sample_gb": total / 1e9, "layers": len(sample), "rounds": rounds}
+            "sample_gb": total / 1e9, "layers": len(sample), "rounds": rounds, "rows": rows}
 
 
-def kernel_choice(model: nn.Module) -> dict[str, Any] | None:
-    """What :func:`decode_kernel_choice` measured when :func:`apply_cpu_defaults` ran (None if it did not)."""
-    return getattr(model, "_blip_app_kernel_choice", None)
+def kernel_choice(model: nn.Module, part: str = "language") -> dict[str, Any] | None:
+    """What :func:`decode_kernel_choice` measured for ``part`` ("language" or "vision") when
+    :func:`apply_cpu_defaults` ran (None if it did not)."""
+    return getattr(model, "_blip_app_kernel_choices", {}).get(part)
+
+
+def _record_choice(model: nn.Module, part: str, measured: dict[str, Any]) -> None:
+    choices = dict(getattr(model, "_blip_app_kernel_choices", {}))
+    choices[part] = measured
+    object.__setattr__(model, "_blip_app_kernel_choices", choices)
 
 
 def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool = True, int8: bool = False,
-                       pack_language: bool | None = None, vision_attention: str | None = None,
+                       pack_language: bool | None = None, pack_vision: bool | None = None,
+                       vision_attention: str | None = None,
                        language_attention: str | None = "eager") -> tuple[str, ...]:
     """What blip_app does to a BLIP-2 / InstructBLIP model on a CPU after loading; idempotent.
 
     1. :func:`make_resident` for every weight still memory-mapped (huge pages): decode 0.52 -> 0.47
        s/token here (blip2-opt-2.7b, 2 threads);
     2. :func:`pack_linears` on the vision encoder, the Q-Former and the projection (bfloat16 on a CPU
-       with bfloat16 instructions only): the vision encoder took 1.11-1.24 s packed against 1.48-1.68
-       dense (best and median of 4);
+       with bfloat16 instructions only) when :func:`decode_kernel_choice` measures the vision encoder's
+       own 257-row products faster packed (``pack_vision`` None), or as ``pack_vision`` says: the vision
+       encoder took 1.11-1.24 s packed against 1.48-1.68 dense in one measurement here, but 1.22 against
+       0.79 and 1.84 against 1.59 in two benchmark runs an hour later on the same machine;
     3. the language model packed too when :func:`decode_kernel_choice` measures that it decodes faster
        (``pack_language`` None), or as ``pack_language`` says. A tied ``lm_head`` (OPT) is packed with
        it unless ``pack_tied`` is False (a second copy of the embedding matrix, 0.26 GB for OPT-2.7b);
@@ -550,13 +561,22 @@ def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool =
     if int8 and "int8" not in done:
         quantize_int8(language_model)
     if pack and packing_supported():
-        if "packed" not in applied(model) and language_model is not model:
-            pack_linears(model, skip=lambda name: name.startswith("language_model."))  # marks "packed"
+        vision = getattr(model, "vision_model", None)
+        if language_model is not model and not {"packed", "dense-vision"} & set(applied(model)):
+            choice = pack_vision
+            if choice is None and vision is not None:  # the vision encoder's 257-row products, both ways
+                measured = decode_kernel_choice(vision, sample_bytes=0.1e9, rows=257)
+                _record_choice(model, "vision", measured)
+                choice = measured["packed"]
+                if not choice and "dense_s" in measured:
+                    _mark(model, "dense-vision")
+            if choice is None or choice:
+                pack_linears(model, skip=lambda name: name.startswith("language_model."))  # marks "packed"
         if not {"packed-lm", "dense-lm", "int8"} & set(applied(model)):
             choice = pack_language
             if choice is None:
                 measured = decode_kernel_choice(language_model)
-                object.__setattr__(model, "_blip_app_kernel_choice", measured)
+                _record_choice(model, "language", measured)
                 choice = measured["packed"]
                 if not choice and "dense_s" in measured:
                     _mark(model, "dense-lm")  # measured: dense decodes faster here

@@ -415,9 +415,12 @@ def test_cpu_speedups_are_applied_at_load_and_keep_the_numbers(tiny_checkpoints,
     applied = speed.applied(fast.model)
     assert "resident" in applied and speed.mapped_bytes(fast.model) == 0
     if speed.packing_supported():  # bfloat16 instructions (AVX-512 bf16 / AMX): this machine and CI
-        assert "packed" in applied
-        assert any(isinstance(m, speed.PackedLinear) for m in fast.model.vision_model.modules())
-        # The language model is packed only where packed kernels measured faster for a decode row.
+        # Each side is packed only where packed kernels measured faster: 257-row products for the
+        # vision encoder, a decode row for the language model.
+        vision = speed.kernel_choice(fast.model, "vision")
+        assert vision["rows"] == 257 and vision["dense_s"] > 0 and vision["packed_s"] > 0
+        vision_packed = any(isinstance(m, speed.PackedLinear) for m in fast.model.vision_model.modules())
+        assert vision_packed == vision["packed"] != ("dense-vision" in applied)
         choice = speed.kernel_choice(fast.model)
         assert choice["dense_s"] > 0 and choice["packed_s"] > 0 and choice["layers"] > 0
         lm_packed = any(isinstance(m, speed.PackedLinear) for m in fast.model.language_model.modules())
@@ -428,9 +431,10 @@ def test_cpu_speedups_are_applied_at_load_and_keep_the_numbers(tiny_checkpoints,
     assert not any(isinstance(m, speed.PackedLinear) for m in plain.model.modules())
     # Whatever the measurement chose here, the other choice must be as good: a second copy, LM packed.
     forced = LoadedModel.load(resolve(str(tiny_checkpoints[family])), LoadOptions(cpu_speedups=False))
-    speed.apply_cpu_defaults(forced.model, pack_language=True)
+    speed.apply_cpu_defaults(forced.model, pack_language=True, pack_vision=True)
     if speed.packing_supported():
         assert any(isinstance(m, speed.PackedLinear) for m in forced.model.language_model.modules())
+        assert any(isinstance(m, speed.PackedLinear) for m in forced.model.vision_model.modules())
     # Other kernels and another attention algorithm round differently (so a near-tie between two tokens
     # of a random model may flip), but no less accurately: against float32, the accelerated bfloat16
     # model errs about as much as the plain bfloat16 one.
