@@ -1084,7 +1084,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             f"{result['bandwidth']['gbs']:.1f} GB/s for a plain read: the linear layers alone need "
             f"{language_bytes / (kernel_gbs * GB):.3f} s/token "
             f"({language_bytes / (kernel_gbs * GB) / decode_floor:.2f}x the floor) with these kernels; "
-            "int8-cpu halves the bytes read (docs/bench-opt-2.7b.md).")
+            "--quantization int8-cpu halves the bytes read.")
     result["seconds"] = time.perf_counter() - started
     with contextlib.suppress(OSError):
         result["environment"]["load_average_end"] = list(os.getloadavg())
