@@ -810,7 +810,8 @@ def build_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     cap_floor = band["caption_floor_s"]
     cap_x = _ratio(ours["caption_s"], cap_floor)
     add("greedy 20-token caption, new image", "caption_s", ours["caption_s"],
-        f"<= 1.3x its floor ({cap_floor:.2f} s: {band.get('caption_floor_how', 'vision + Q-Former + 20 decode floors')})",
+        f"<= 1.3x its floor ({cap_floor:.2f} s: "
+        f"{band.get('caption_floor_how', 'vision + Q-Former + 20 decode floors')})",
         cap_x, "the floor",
         None if cap_x is None else cap_x <= 1.3)
     add("second caption, same image", "second_caption_s", ours["second_caption_s"], "vision encoder skipped",
@@ -854,15 +855,16 @@ def render_table(result: dict[str, Any]) -> str:
     lines = []
     model, band, env = result["model"], result["bandwidth"], result["environment"]
     lines.append(f"Model: {model['source']} ({model['how']}); {model['parameters'] / 1e9:.2f} B parameters, "
-                 f"{model['weights_gb']:.2f} GB of weights ({model['language_model_gb']:.2f} GB language model); a decode "
-                 f"step of blip_app's reads {model.get('decode_read_gb', 0):.2f} GB")
+                 f"{model['weights_gb']:.2f} GB of weights ({model['language_model_gb']:.2f} GB language model); "
+                 f"a decode step of blip_app's reads {model.get('decode_read_gb', 0):.2f} GB")
     lines.append(f"Device: {env['device']} ({env['cpu']}), {env['threads']} threads, torch {env['torch']}, "
                  f"transformers {env['transformers']}; memory read bandwidth {band['gbs']:.1f} GB/s next to the "
                  f"decode measurement (best in the run {band['best_in_run_gbs']:.1f}) -> decode floor "
                  f"{band['decode_floor_s']:.3f} s/token")
     if band.get("matmul_peak_flops"):
         flops = band.get("caption_compute_flops")
-        lines.append(f"Matrix-multiplication peak {band['matmul_peak_flops']['best'] / 1e9:.0f} GFLOP/s ({model['dtype']}); "
+        lines.append(f"Matrix-multiplication peak {band['matmul_peak_flops']['best'] / 1e9:.0f} GFLOP/s "
+                     f"({model['dtype']}); "
                      + (f"a caption's vision encoder + Q-Former + prefill: {flops / 1e9:.0f} GFLOP -> "
                         f"{band['caption_compute_floor_s']:.2f} s at the peak; " if flops else "")
                      + f"caption floor {band['caption_floor_s']:.2f} s ({band.get('caption_floor_how')})")
@@ -875,8 +877,8 @@ def render_table(result: dict[str, Any]) -> str:
                      f"{'packed' if choice['packed'] else 'dense'}")
     vision = result["blip_app"].get("vision_kernel_choice") or {}
     if "dense_s" in vision:
-        lines.append(f"Vision-encoder kernels measured at load on {vision['sample_gb']:.2f} GB of its layers, 257 rows: "
-                     f"dense {vision['dense_s'] * 1e3:.1f} ms, packed {vision['packed_s'] * 1e3:.1f} ms -> "
+        lines.append(f"Vision-encoder kernels measured at load on {vision['sample_gb']:.2f} GB of its layers, "
+                     f"257 rows: dense {vision['dense_s'] * 1e3:.1f} ms, packed {vision['packed_s'] * 1e3:.1f} ms -> "
                      f"{'packed' if vision['packed'] else 'dense'}")
     lines.append("")
     lines.append("| metric | baseline | blip_app | speedup | measured | target | met? |")

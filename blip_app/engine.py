@@ -586,7 +586,8 @@ class LoadedModel:
         self.checkpoint_generation = dict(checkpoint_generation or {})
         self.features = FeatureCache(feature_cache_size)
         self.image_token_id = int(model.config.image_token_index)
-        self.device = torch.device(plan.device if plan.quantization in ("none", "int8-cpu") else _first_device(model))
+        on_plan_device = plan.quantization in ("none", "int8-cpu")  # bitsandbytes places layers itself
+        self.device = torch.device(plan.device if on_plan_device else _first_device(model))
         self.vision_dtype = next(model.vision_model.parameters()).dtype
         self._special = self._special_token_ids()
         self.prefix_cache = PrefixCache(prefix_cache_bytes or 2**62) if spec.decoder_only else None
@@ -972,8 +973,9 @@ class LoadedModel:
 
 
 def speed_up(model: Any, plan: LoadPlan, options: LoadOptions) -> tuple[str, ...]:
-    """On a CPU, what :mod:`blip_app.speed` measured to help: resident weights, packed bfloat16 kernels
-    (token-identical to the dense ones), eager attention in the vision encoder; int8 when asked for.
+    """On a CPU, what :mod:`blip_app.speed` measured to help: weights resident in RAM, packed or dense
+    bfloat16 kernels chosen by timing the model's own layers, eager attention in a decoder-only language
+    model (so that prefix reuse is exact); int8 when asked for.
 
     Nothing on a GPU or for bitsandbytes. ``options.cpu_speedups=False`` leaves the model exactly as
     ``from_pretrained`` made it (int8-cpu is still applied: it was asked for). Returns what was applied.

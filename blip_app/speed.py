@@ -11,17 +11,18 @@ matrix-vector products stream them from memory. Three things decide that here:
 * **where the weights live** — ``from_pretrained`` memory-maps the safetensors file, so weights sit in
   4 KiB page-cache pages. Anonymous memory backed by transparent huge pages (2 MiB) streams faster
   (fewer TLB misses): :func:`make_resident`, :func:`huge_pages_enabled`.
-* **the kernel** — ``torch.nn.functional.linear`` in bfloat16 with one row of input reaches about a third
-  of the memory bandwidth; oneDNN's inner product with the weight packed once into its blocked layout
-  reaches most of it (this is what inductor's ``freezing=True`` does inside ``torch.compile``, here
-  without compiling, without recompiling on new shapes and without a second copy of the weights):
-  :func:`pack_linears`.
+* **the kernel** — ``torch.nn.functional.linear`` in bfloat16 with one row of input reached about a third
+  of the memory bandwidth on one host of this kind, where oneDNN's inner product with the weight packed
+  once into its blocked layout reached most of it (what inductor's ``freezing=True`` does inside
+  ``torch.compile``, here without compiling): :func:`pack_linears`. On another host of the same kind
+  the packed kernel was the slower one (dense 12-14 GB/s against 20-23 for a plain read), so the
+  engine times both on the model's own layers at load: :func:`decode_kernel_choice`.
 * **bytes per weight** — int8 halves them (:func:`quantize_int8`), opt-in because its quality cannot be
   judged on random weights.
 
 Attention (:func:`set_attention`) barely matters for speed at these lengths, but it decides whether a
-reused key/value cache gives bit-identical results (see :func:`apply_cpu_defaults`). ``torch.compile`` with a static cache
-is not applied: see :func:`compile_note`.
+reused key/value cache gives bit-identical results (see :func:`apply_cpu_defaults`). ``torch.compile``
+with a static cache is not applied: see :func:`compile_note`.
 """
 
 from __future__ import annotations
@@ -489,7 +490,8 @@ def decode_kernel_choice(language_model: nn.Module, *, sample_bytes: float = 0.3
         return {"packed": False, "reason": "nothing to pack here"}
     packed = [PackedLinear(layer) for layer in sample]
     generator = torch.Generator().manual_seed(0)
-    inputs = {n: torch.randn(rows, n, generator=generator).to(torch.bfloat16) for n in {l.in_features for l in sample}}
+    widths = {layer.in_features for layer in sample}
+    inputs = {n: torch.randn(rows, n, generator=generator).to(torch.bfloat16) for n in widths}
     times: dict[str, list[float]] = {"dense": [], "packed": []}
     with torch.inference_mode():
         for layers in (sample, packed):  # first touch, oneDNN primitive creation
