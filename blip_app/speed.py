@@ -16,7 +16,7 @@ matrix-vector products stream them from memory. Three things decide that here:
   once into its blocked layout reached most of it (what inductor's ``freezing=True`` does inside
   ``torch.compile``, here without compiling): :func:`pack_linears`. On another host of the same kind
   the packed kernel was the slower one (dense 12-14 GB/s against 20-23 for a plain read), so the
-  engine times both on the model's own layers at load: :func:`decode_kernel_choice`.
+  engine times both on the model's own layers at load: :func:`measure_kernel_choice`.
 * **bytes per weight** — int8 halves them (:func:`quantize_int8`), opt-in because its quality cannot be
   judged on random weights.
 
@@ -373,9 +373,9 @@ def pack_linears(module: nn.Module, *, batch_hint: int = 1, skip: Callable[[str]
 def set_attention(model: nn.Module, implementation: str) -> str:
     """Switch the attention implementation (``sdpa`` or ``eager``) of a transformers model; return it.
 
-    Measured (decode, blip2-opt-2.7b, packed kernels): the two are within noise of each other at these
-    lengths (under 1%); :func:`apply_cpu_defaults` picks eager where it is faster (vision encoder) or exact
-    (a decoder-only language model with a reused key/value cache).
+    Measured (decode, blip2-opt-2.7b): the two are within noise of each other at these lengths;
+    :func:`apply_cpu_defaults` picks eager where it is exact (a decoder-only language model with a reused
+    key/value cache) and leaves the vision encoder's choice as an option (faster either way on two hosts).
     """
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
@@ -463,23 +463,24 @@ def applied(model: nn.Module) -> tuple[str, ...]:
     return tuple(names)
 
 
-def decode_kernel_choice(language_model: nn.Module, *, sample_bytes: float = 0.35e9, rounds: int = 7,
+def measure_kernel_choice(module: nn.Module, *, sample_bytes: float = 0.35e9, rounds: int = 7,
                          rows: int = 1) -> dict[str, Any]:
-    """Whether packed kernels decode faster than the dense ones on this machine, measured on the model.
+    """Whether packed kernels run ``module``'s products faster than the dense ones here, measured on it.
 
-    One decode row (batch 1, one token) through a sample of the language model's own bfloat16 linear
-    layers (its first layers, about ``sample_bytes``: more than the caches hold), dense and packed,
-    interleaved ``rounds`` times; the medians decide, packed only when at least 10% faster. The packed
-    copies are freed afterwards. It has to be measured: on one host packed kernels decoded
-    blip2-opt-2.7b twice as fast (0.093 against 0.195 s/token), on another of the same kind 40% slower
-    (0.67-0.71 against 0.45-0.49 s/token), while for the 257-row products of the vision encoder they won on
-    both. About half a second at the real size. Returns the timings and the decision (``packed``).
+    ``rows`` input rows (1: a decode step of a language model; 257: a vision-encoder image) through a
+    sample of the module's own bfloat16 linear layers (its first ones, about ``sample_bytes``: more than
+    the caches hold; not the output head), dense and packed, interleaved ``rounds`` times; the medians
+    decide, packed only when at least 10% faster. The packed copies are freed afterwards. It has to be
+    measured: on one host packed kernels decoded blip2-opt-2.7b twice as fast (0.093 against 0.195
+    s/token), on another of the same kind 40% slower (0.67-0.71 against 0.45-0.49 s/token); for the
+    vision encoder the two measured either way round between runs. Under a second at the real size.
+    Returns the timings and the decision (``packed``).
     """
     sample: list[nn.Linear] = []
     total = 0
-    head = language_model.get_output_embeddings() if hasattr(language_model, "get_output_embeddings") else None
-    for parent_name, attr in _linear_slots(language_model):
-        layer = getattr(language_model.get_submodule(parent_name), attr)
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    for parent_name, attr in _linear_slots(module):
+        layer = getattr(module.get_submodule(parent_name), attr)
         if layer is head or layer.weight.device.type != "cpu" or layer.weight.dtype is not torch.bfloat16:
             continue  # the output head (found first, 50272 rows for OPT) is not a typical layer: the blocks are
         sample.append(layer)
@@ -511,7 +512,7 @@ def decode_kernel_choice(language_model: nn.Module, *, sample_bytes: float = 0.3
 
 
 def kernel_choice(model: nn.Module, part: str = "language") -> dict[str, Any] | None:
-    """What :func:`decode_kernel_choice` measured for ``part`` ("language" or "vision") when
+    """What :func:`measure_kernel_choice` measured for ``part`` ("language" or "vision") when
     :func:`apply_cpu_defaults` ran (None if it did not)."""
     return getattr(model, "_blip_app_kernel_choices", {}).get(part)
 
@@ -531,11 +532,11 @@ def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool =
     1. :func:`make_resident` for every weight still memory-mapped (huge pages): decode 0.52 -> 0.47
        s/token here (blip2-opt-2.7b, 2 threads);
     2. :func:`pack_linears` on the vision encoder, the Q-Former and the projection (bfloat16 on a CPU
-       with bfloat16 instructions only) when :func:`decode_kernel_choice` measures the vision encoder's
+       with bfloat16 instructions only) when :func:`measure_kernel_choice` measures the vision encoder's
        own 257-row products faster packed (``pack_vision`` None), or as ``pack_vision`` says: the vision
        encoder took 1.11-1.24 s packed against 1.48-1.68 dense in one measurement here, but 1.22 against
        0.79 and 1.84 against 1.59 in two benchmark runs an hour later on the same machine;
-    3. the language model packed too when :func:`decode_kernel_choice` measures that it decodes faster
+    3. the language model packed too when :func:`measure_kernel_choice` measures that it decodes faster
        (``pack_language`` None), or as ``pack_language`` says. A tied ``lm_head`` (OPT) is packed with
        it unless ``pack_tied`` is False (a second copy of the embedding matrix, 0.26 GB for OPT-2.7b);
     4. with ``int8``: :func:`quantize_int8` on the language model instead (opt-in);
@@ -562,12 +563,12 @@ def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool =
     language_model = getattr(model, "language_model", model)
     if int8 and "int8" not in done:
         quantize_int8(language_model)
+    vision = getattr(model, "vision_model", None)
     if pack and packing_supported():
-        vision = getattr(model, "vision_model", None)
         if language_model is not model and not {"packed", "dense-vision"} & set(applied(model)):
             choice = pack_vision
             if choice is None and vision is not None:  # the vision encoder's 257-row products, both ways
-                measured = decode_kernel_choice(vision, sample_bytes=0.1e9, rows=257)
+                measured = measure_kernel_choice(vision, sample_bytes=0.1e9, rows=257)
                 _record_choice(model, "vision", measured)
                 choice = measured["packed"]
                 if not choice and "dense_s" in measured:
@@ -577,14 +578,13 @@ def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool =
         if not {"packed-lm", "dense-lm", "int8"} & set(applied(model)):
             choice = pack_language
             if choice is None:
-                measured = decode_kernel_choice(language_model)
+                measured = measure_kernel_choice(language_model)
                 _record_choice(model, "language", measured)
                 choice = measured["packed"]
                 if not choice and "dense_s" in measured:
                     _mark(model, "dense-lm")  # measured: dense decodes faster here
             if choice and pack_linears(language_model, skip_tied=not pack_tied):
                 _mark(model, "packed-lm")
-    vision = getattr(model, "vision_model", None)
     if vision_attention and vision is not None and f"vision-{vision_attention}" not in applied(model):
         with contextlib.suppress(Exception):
             set_attention(vision, vision_attention)
