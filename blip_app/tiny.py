@@ -91,6 +91,8 @@ IMAGE_TOKEN = "<image>"
 # Sizes of the tiny models. The image processor's size must equal the vision tower's image size.
 _IMAGE_SIZE = 30
 _PATCH_SIZE = 15
+_COCO_IMAGE_SIZE = 364  # the -coco checkpoints' vision image size (the others: 224)
+_COCO_PATCH_SIZE = 91  # 4 x 4 patches keep the tiny vision tower tiny
 _VISION_HIDDEN = 32
 _QFORMER_HIDDEN = 32
 _QFORMER_POSITIONS = 64  # InstructBLIP Q-Former: the instruction limit callers can test against
@@ -329,22 +331,30 @@ def _build_opt_tokenizer() -> Any:
 
 
 def _build_llama_tokenizer(model_max_length: int) -> Any:
-    """A LLaMA BPE tokenizer with byte fallback, laid out like Vicuna's (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2)."""
+    """A LLaMA BPE tokenizer with byte fallback, set up as the InstructBLIP Vicuna conversion script does.
+
+    The vocabulary is LLaMA's (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2); the conversion script
+    (``convert_instructblip_original_to_pytorch.py``) loads it with ``bos_token="</s>"`` and
+    ``unk_token="</s>"`` and then adds ``[PAD]`` as the pad token (id 32000 in the real vocabulary, the
+    32001st row that the old layouts resize for).
+    """
     from transformers import LlamaTokenizer
 
     vocab, merges = _llama_vocab()
-    return LlamaTokenizer(
+    tokenizer = LlamaTokenizer(
         vocab=dict(vocab),
         merges=list(merges),
-        unk_token="<unk>",
-        bos_token="<s>",
+        unk_token="</s>",
+        bos_token="</s>",
         eos_token="</s>",
-        pad_token="<unk>",
         add_bos_token=True,
         add_eos_token=False,
         legacy=False,
+        truncation_side="left",
         model_max_length=model_max_length,
     )
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer
 
 
 def _build_t5_tokenizer() -> Any:
@@ -365,12 +375,14 @@ def _build_bert_tokenizer(model_max_length: int) -> Any:
     """An uncased BERT WordPiece tokenizer (``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]`` 3, ``[MASK]`` 4).
 
     ``[DEC]`` is added as bos, as in the Q-Former tokenizers of LAVIS / Salesforce (the token its text
-    decoder starts with); it comes after the WordPiece vocabulary.
+    decoder starts with); it comes after the WordPiece vocabulary. ``truncation_side="left"`` as the
+    InstructBLIP conversion script loads it, so that a long instruction keeps its end.
     """
     from transformers import BertTokenizer
 
     return BertTokenizer(
-        vocab=dict(_bert_vocab()), do_lower_case=True, bos_token="[DEC]", model_max_length=model_max_length
+        vocab=dict(_bert_vocab()), do_lower_case=True, bos_token="[DEC]", model_max_length=model_max_length,
+        truncation_side="left",
     )
 
 
@@ -379,14 +391,14 @@ def _build_bert_tokenizer(model_max_length: int) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def _image_processor() -> Any:
+def _image_processor(size: int = _IMAGE_SIZE) -> Any:
     from transformers.image_utils import PILImageResampling
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     # BlipImageProcessor needs torchvision; without it transformers falls back to this PIL backend
     # (with a warning). Both save "image_processor_type": "BlipImageProcessor", like the real ones.
     return BlipImageProcessorPil(
-        size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE},
+        size={"height": size, "width": size},
         resample=PILImageResampling.BICUBIC,
         image_mean=_CLIP_MEAN,
         image_std=_CLIP_STD,
@@ -411,9 +423,11 @@ def _text_config(family: str, vocab_size: int, tokenizer: Any, max_positions: in
             max_position_embeddings=max_positions,
             do_layer_norm_before=True,
             activation_function="relu",
-            bos_token_id=2,
-            eos_token_id=2,
-            pad_token_id=1,
+            # Salesforce/blip2-opt-*: </s> (2) is BOS, and the language model stops on "\n" (50118 there),
+            # not on the tokenizer's </s> (the conversion script and LAVIS set eos to the id of "\n").
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=newline_id(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=True,
         )
     if family.endswith("flan-t5"):
@@ -445,12 +459,47 @@ def _text_config(family: str, vocab_size: int, tokenizer: Any, max_positions: in
             num_key_value_heads=_HEADS,
             max_position_embeddings=max_positions,
             rms_norm_eps=1e-6,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            # The conversion script takes the text config of decapoda-research/llama-7b-hf, whose ids do
+            # not match the tokenizer: bos 0, eos 1, pad -1 (the tokenizer's eos is </s>, 2).
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=-1,
             tie_word_embeddings=False,
         )
     raise ValueError(f"Unknown family {family!r}; expected one of {', '.join(FAMILIES)}.")
+
+
+def newline_id(tokenizer: Any) -> int:
+    """The id of "\n" alone (LAVIS: ``opt_tokenizer("\\n", add_special_tokens=False).input_ids[0]``)."""
+    return int(tokenizer("\n", add_special_tokens=False).input_ids[0])
+
+
+def _padded_vocab(size: int) -> int:
+    """Rows of an embedding grown past the tokenizer to a multiple of 64, as the published ones are
+    (blip2-opt: 50304 rows for 50266 tokens; Flan-T5: 32128 rows for 32101 tokens)."""
+    return -(-size // 64) * 64
+
+
+def _shape_output_rows(model: Any, tokenizer: Any, stop_id: int | None) -> None:
+    """Make the random language model's output rows behave like a trained one's where it matters.
+
+    A trained BLIP-2 never writes padding, ``<image>`` or the unused rows past the tokenizer, and it
+    ends its answers with its stop token. Random weights do neither: the rows of pad, ``<image>`` and
+    the ids past ``len(tokenizer)`` are zeroed (logit 0, below the best candidates at every step), and
+    the stop token's row is doubled so that answers end before the token limit some of the time. This
+    is what lets a test compare blip_app with plain ``model.generate`` without handing it blip_app's
+    suppressed ids.
+    """
+    import torch
+
+    head = model.language_model.get_output_embeddings().weight
+    silent = {tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)} - {None}
+    silent |= set(range(len(tokenizer), head.shape[0]))
+    with torch.no_grad():
+        for index in sorted(i for i in silent if 0 <= i < head.shape[0] and i != stop_id):
+            head[index].zero_()
+        if stop_id is not None:
+            head[stop_id].mul_(2.0)
 
 
 def _fill_weights(model: Any, seed: int, std: float = _WEIGHT_STD) -> None:
@@ -496,13 +545,15 @@ def _untie_t5_head(model: Any, seed: int, std: float = _WEIGHT_STD) -> None:
     language_model.lm_head.weight = torch.nn.Parameter(weight)
 
 
-def _generation_config(text_config: Any, encoder_decoder: bool) -> Any:
+def _generation_config(text_config: Any, tokenizer: Any, encoder_decoder: bool) -> Any:
     from transformers import GenerationConfig
 
+    pad = text_config.pad_token_id
     kwargs: dict[str, Any] = {
         "bos_token_id": text_config.bos_token_id,
         "eos_token_id": text_config.eos_token_id,
-        "pad_token_id": text_config.pad_token_id,
+        # transformers 5 refuses to save a negative pad id (decapoda's -1): the tokenizer's pad instead.
+        "pad_token_id": pad if pad is not None and pad >= 0 else tokenizer.pad_token_id,
     }
     if encoder_decoder:
         kwargs["decoder_start_token_id"] = text_config.decoder_start_token_id
@@ -517,12 +568,17 @@ def make_tiny_checkpoint(
     out_dir: str | Path,
     family: str,
     *,
-    max_positions: int = 256,
+    max_positions: int = 2048,  # the published OPT and Vicuna context
     num_query_tokens: int = 4,
     legacy: bool = False,
+    coco: bool = False,
     seed: int = 0,
 ) -> Path:
-    """Write one tiny checkpoint of `family` into out_dir (created); return out_dir."""
+    """Write one tiny checkpoint of `family` into out_dir (created); return out_dir.
+
+    ``coco=True`` (BLIP-2 only) writes it like the -coco caption checkpoints, which were converted
+    with vision ``image_size`` 364 (the others: 224), the sign by which a local folder is recognised.
+    """
     import copy
 
     from transformers import (
@@ -540,6 +596,8 @@ def make_tiny_checkpoint(
 
     if family not in FAMILIES:
         raise ValueError(f"Unknown family {family!r}; expected one of {', '.join(FAMILIES)}.")
+    if coco and family.startswith("instructblip"):
+        raise ValueError("There are no InstructBLIP -coco checkpoints.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     instruct = family.startswith("instructblip")
@@ -551,7 +609,8 @@ def make_tiny_checkpoint(
     else:
         tokenizer = _build_t5_tokenizer()
     qformer_tokenizer = _build_bert_tokenizer(_QFORMER_POSITIONS) if instruct else None
-    image_processor = _image_processor()
+    image_size, patch_size = (_COCO_IMAGE_SIZE, _COCO_PATCH_SIZE) if coco else (_IMAGE_SIZE, _PATCH_SIZE)
+    image_processor = _image_processor(image_size)
 
     # The processor adds <image> to the tokenizer it is given (if it has no `image_token`): a legacy
     # checkpoint must be saved from an untouched copy.
@@ -563,7 +622,12 @@ def make_tiny_checkpoint(
     else:
         processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=None if legacy else num_query_tokens)
     image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    vocab_size = len(plain_tokenizer) if legacy else len(processor.tokenizer)
+    if legacy:
+        vocab_size = len(plain_tokenizer)
+    elif family == "instructblip-vicuna":
+        vocab_size = len(processor.tokenizer)
+    else:  # OPT and T5 embeddings have unused rows past the tokenizer, as the published ones
+        vocab_size = _padded_vocab(len(processor.tokenizer) + 1)
 
     text_config = _text_config(family, vocab_size, plain_tokenizer, max_positions)
     vision_cls, qformer_cls, config_cls = (
@@ -576,8 +640,8 @@ def make_tiny_checkpoint(
         intermediate_size=2 * _VISION_HIDDEN,
         num_hidden_layers=_LAYERS,
         num_attention_heads=_HEADS,
-        image_size=_IMAGE_SIZE,
-        patch_size=_PATCH_SIZE,
+        image_size=image_size,
+        patch_size=patch_size,
     )
     qformer_kwargs: dict[str, Any] = {
         "hidden_size": _QFORMER_HIDDEN,
@@ -606,7 +670,9 @@ def make_tiny_checkpoint(
     model = _build_model(model_class, config, seed)
     if not config.use_decoder_only_language_model:
         _untie_t5_head(model, seed)
-    model.generation_config = _generation_config(text_config, encoder_decoder=family.endswith("flan-t5"))
+    _shape_output_rows(model, processor.tokenizer, text_config.eos_token_id)
+    model.generation_config = _generation_config(text_config, plain_tokenizer,
+                                                 encoder_decoder=family.endswith("flan-t5"))
     model.save_pretrained(out)
 
     if legacy:

@@ -79,6 +79,18 @@ EXPECTED_CLASSES = {
 }
 
 
+def test_coco_variant_has_the_coco_image_size(tmp_path):
+    from blip_app.tiny import make_tiny_checkpoint as make
+
+    path = make(tmp_path / "coco", "blip2-flan-t5", coco=True)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert model.config.vision_config.image_size == 364
+    assert processor.image_processor.size.height == 364
+    with pytest.raises(ValueError, match="no InstructBLIP -coco"):
+        make(tmp_path / "x", "instructblip-vicuna", coco=True)
+
+
 def test_all_families_are_built(tiny_checkpoints):
     assert tuple(tiny_checkpoints) == FAMILIES
     for family, path in tiny_checkpoints.items():
@@ -108,8 +120,12 @@ def test_reload_classes_and_image_tokens(loaded, family):
     image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert processor.num_query_tokens == model.config.num_query_tokens == NUM_QUERY_TOKENS
     assert model.config.image_token_index == image_id
-    assert model.get_input_embeddings().weight.shape[0] == len(processor.tokenizer) > image_id
-    assert model.get_output_embeddings().weight.shape[0] == len(processor.tokenizer)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if family == "instructblip-vicuna":
+        assert rows == len(processor.tokenizer) > image_id
+    else:  # padded to a multiple of 64 past the tokenizer, like blip2-opt (50304) and Flan-T5 (32128)
+        assert rows % 64 == 0 and rows > len(processor.tokenizer) > image_id
+    assert model.get_output_embeddings().weight.shape[0] == rows
 
     inputs = processor(images=Image.new("RGB", (20, 20)), text=prompt_for(family), return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
@@ -125,8 +141,12 @@ def test_special_token_ids(loaded, tiny_checkpoints, family):
     generation = json.loads((tiny_checkpoints[family] / "generation_config.json").read_text())
     if family == "blip2-opt":
         assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("</s>", "</s>", "<pad>")
-        assert (text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id) == (2, 2, 1)
-        assert text_config.max_position_embeddings == 256
+        # Salesforce/blip2-opt-*: the language model stops on "\n" (50118 there), </s> is BOS.
+        newline = tokenizer("\n", add_special_tokens=False).input_ids
+        assert len(newline) == 1
+        assert (text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id) == (2, newline[0], 1)
+        assert model.language_model.generation_config.eos_token_id == newline[0] != tokenizer.eos_token_id
+        assert text_config.max_position_embeddings == 2048
     elif family.endswith("flan-t5"):
         assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "</s>", "<unk>"]
         assert (text_config.pad_token_id, text_config.eos_token_id, text_config.decoder_start_token_id) == (0, 1, 0)
@@ -137,12 +157,19 @@ def test_special_token_ids(loaded, tiny_checkpoints, family):
         assert not torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight)
     else:
         assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
-        assert (text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id) == (1, 2, 0)
-        assert text_config.max_position_embeddings == 256
-    assert tokenizer.pad_token_id == text_config.pad_token_id
-    assert tokenizer.eos_token_id == text_config.eos_token_id
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        # The conversion script: bos and unk </s>, pad [PAD] added; the text config of
+        # decapoda-research/llama-7b-hf: bos 0, eos 1, pad -1 (not the tokenizer's ids).
+        assert (tokenizer.bos_token, tokenizer.unk_token, tokenizer.eos_token, tokenizer.pad_token) == (
+            "</s>", "</s>", "</s>", "[PAD]")
+        assert tokenizer.pad_token_id == len(tokenizer) - 2  # then <image>
+        assert (text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id) == (0, 1, -1)
+        assert text_config.max_position_embeddings == 2048
+    if family.endswith("flan-t5"):
+        assert tokenizer.pad_token_id == text_config.pad_token_id
+        assert tokenizer.eos_token_id == text_config.eos_token_id
+    for key in ("bos_token_id", "eos_token_id"):
         assert generation[key] == getattr(text_config, key)
+    assert generation["pad_token_id"] == tokenizer.pad_token_id
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -228,7 +255,7 @@ def test_tokenizer_class_pipeline_matches_tokenizer_json(tiny_checkpoints, famil
 
 def test_bos_is_added_like_the_real_tokenizers(loaded):
     assert loaded["blip2-opt"][1].tokenizer("a cat")["input_ids"][0] == 2  # </s>, as facebook/opt
-    assert loaded["instructblip-vicuna"][1].tokenizer("a cat")["input_ids"][0] == 1  # <s>
+    assert loaded["instructblip-vicuna"][1].tokenizer("a cat")["input_ids"][0] == 2  # </s>, as the conversion
     t5 = loaded["blip2-flan-t5"][1].tokenizer("a cat")["input_ids"]
     assert t5[0] not in (0, 1) and t5[-1] == 1  # no bos, </s> appended
 
@@ -260,7 +287,7 @@ def test_options_num_query_tokens_and_max_positions(tmp_path):
     assert model.config.num_query_tokens == processor.num_query_tokens == 2
     assert model.config.text_config.max_position_embeddings == 96
     inputs = processor(images=Image.new("RGB", (8, 8)), text="Describe the image.", return_tensors="pt")
-    assert inputs["input_ids"][0, :3].tolist() == [model.config.image_token_index] * 2 + [1]
+    assert inputs["input_ids"][0, :3].tolist() == [model.config.image_token_index] * 2 + [2]  # </s> as BOS
     model.generate(**inputs, max_new_tokens=2)
 
 
