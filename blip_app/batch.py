@@ -31,7 +31,7 @@ from PIL import Image
 
 from .errors import BadImageError, BadInputError, BlipAppError, user_message
 from .images import ImageLimits, load_image
-from .settings import GenerationSettings, Preset, Task, resolve_settings
+from .settings import GenerationSettings, Preset, Task
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,7 @@ def caption_many(
     with service.manager.use(model) as loaded:
         if not hasattr(loaded, "prepare"):
             raise BadInputError(f"{model} is an image-text matching model; it cannot write captions.")
-        settings = resolve_settings(Task.CAPTION, request["preset"], request["overrides"],
-                                    checkpoint=loaded.checkpoint_generation, limits=service.limits)
+        settings = service.settings_for(loaded, request)
 
         def run(index: int, item: BatchItem) -> BatchResult:
             if item.load is None:

@@ -5,11 +5,18 @@ A request goes through three named phases:
 1. **prepare**: build the prompt for the task (prompts.py), fit it into the context budget, tokenize;
 2. **generate**: encode the image (cached per image content), place its features on the ``<image>``
    positions, and run the language model under ``torch.inference_mode()`` while holding the device lock;
-3. **decode**: strip the echoed prompt, special tokens and any run-on "Question: ..." continuation.
+3. **decode**: strip the echoed prompt, special tokens and any new dialogue turn the model starts.
 
 Where transformers' own ``generate`` would re-run the vision encoder on every call, this module calls
-the same pieces (``get_image_features`` / the vision model and Q-Former, then
-``language_model.generate``) so that an image is encoded once per model and reused.
+the same pieces (the vision model, the Q-Former and projection, then ``language_model.generate``) so
+that an image is encoded once per model and reused. What the published checkpoints need and
+transformers' defaults do not give (README "Prompts and decoding"):
+
+* stop tokens are the language model's own (``generation_config.eos_token_id``, "\n" on blip2-opt)
+  together with the tokenizer's eos, and at least one token is generated;
+* the repetition penalty covers the generated tokens only, as in LAVIS;
+* user text is plain text: a typed ``<image>`` or ``</s>`` is tokenized as characters;
+* the Q-Former, query tokens and projection run in float32 for every family, as in LAVIS.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from transformers import (
     AutoProcessor,
     DynamicCache,
     GenerationConfig,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -45,6 +54,7 @@ from . import prompts
 from .catalog import CheckpointKind, Family, LanguageModel, ModelRef, PromptStyle, kind_from_config
 from .devices import Hardware, LoadOptions, LoadPlan, detect_hardware, plan_load
 from .errors import (
+    BadInputError,
     BusyError,
     CancelledError,
     GenerationError,
@@ -52,14 +62,14 @@ from .errors import (
     PromptTooLongError,
     UnsupportedCheckpointError,
 )
-from .settings import GenerationSettings, Task
+from .settings import GenerationSettings, ModelTraits, Task
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# Text after which a BLIP-style model starts inventing the next turn of the dialogue.
-_RUN_ON_MARKERS = ("Question:", "question:", "\nQ:", " Q:", "Answer:")
+# InstructBLIP's Q-Former text limit in LAVIS (max_txt_len), cut from the left.
+QFORMER_MAX_TEXT_TOKENS = 128
 
 
 def quantization_config(plan: LoadPlan) -> Any:
@@ -151,6 +161,11 @@ class ModelSpec:
     def decoder_only(self) -> bool:
         """Whether the language model echoes the prompt and shares one context with the answer."""
         return self.language_model.decoder_only
+
+    @property
+    def traits(self) -> ModelTraits:
+        """What the reference decoding of this model depends on (settings.task_defaults)."""
+        return ModelTraits(self.family, self.language_model, self.prompt_style is PromptStyle.BLIP2_COCO)
 
 
 @dataclass(frozen=True)
@@ -291,17 +306,24 @@ class _Collector(BaseStreamer):
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def clean_output(text: str) -> tuple[str, bool]:
-    """Cut a run-on continuation ("Question: ..."), control characters and surrounding space.
+# A new dialogue turn started by the model: "Question:" after a space or a sentence, or "Q:" at the start
+# of a line or after a sentence. Case matters: "your question: it is red" is prose.
+_NEW_TURN = re.compile(r"(?<=[\s.!?])Question:|(?:(?<=\n)|(?<=[.!?] ))Q:")
+# A label the model put before its answer; the answer after it is kept.
+_ANSWER_LABEL = re.compile(r"^\s*(?:short\s+)?answer\s*:\s*", re.IGNORECASE)
 
-    Returns the text and whether a continuation was cut.
+
+def clean_output(text: str) -> tuple[str, bool]:
+    """The answer without control characters, a leading "Answer:" label, and any new dialogue turn the
+    model starts once the answer has begun ("... Question: ...", "...\nQ: ...").
+
+    Returns the text and whether a new turn was cut.
     """
-    cut = len(text)
-    for marker in _RUN_ON_MARKERS:
-        index = text.find(marker)
-        if index != -1:
-            cut = min(cut, index)
-    return _CONTROL_CHARS.sub("", text[:cut]).strip(), cut < len(text)
+    body = _ANSWER_LABEL.sub("", _CONTROL_CHARS.sub("", text), count=1)
+    for match in _NEW_TURN.finditer(body):
+        if body[: match.start()].strip():  # the answer has started
+            return body[: match.start()].strip(), True
+    return body.strip(), False
 
 
 class FeatureCache:
@@ -334,6 +356,12 @@ class FeatureCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors."""
+        with self._lock:
+            return sum(t.numel() * t.element_size() for t in self._items.values())
 
     def __len__(self) -> int:
         return len(self._items)
@@ -589,7 +617,10 @@ class LoadedModel:
         on_plan_device = plan.quantization in ("none", "int8-cpu")  # bitsandbytes places layers itself
         self.device = torch.device(plan.device if on_plan_device else _first_device(model))
         self.vision_dtype = next(model.vision_model.parameters()).dtype
-        self._special = self._special_token_ids()
+        self.stop_ids = self._stop_token_ids()
+        self.suppressed_ids = self._suppressed_token_ids()
+        if getattr(processor, "qformer_tokenizer", None) is not None:
+            processor.qformer_tokenizer.truncation_side = "left"  # the newest question is never cut
         self.prefix_cache = PrefixCache(prefix_cache_bytes or 2**62) if spec.decoder_only else None
         self.max_batch = max_batch
         self.coalesce_s = coalesce_s
@@ -633,6 +664,7 @@ class LoadedModel:
             raise _load_error(exc, ref) from exc
         model.eval()
         upgraded = upgrade_old_layout(model, processor, ref.label)
+        keep_qformer_float32(model)
         spec = _spec_from(model, kind, ref, upgraded)
         generation = _saved_generation_settings(where, common)
         applied = speed_up(model, plan, options)
@@ -646,9 +678,13 @@ class LoadedModel:
         """Around preparing and generating one request: batches about to start wait a moment for it."""
         return self._batcher.announce()
 
+    def tokenize(self, text: str) -> list[int]:
+        """A prompt's language-model ids (with the tokenizer's BOS); special tokens typed in it are plain text."""
+        return self.tokenizer(text, verbose=False, split_special_tokens=True).input_ids
+
     def count_tokens(self, text: str) -> int:
-        """Language-model tokens of a prompt text, special tokens included."""
-        return len(self.tokenizer(text, verbose=False).input_ids)
+        """Language-model tokens of a prompt text, the tokenizer's own special tokens included."""
+        return len(self.tokenize(text))
 
     def text_budget(self, max_new_tokens: int) -> int:
         """Prompt tokens that fit beside the image tokens (and, for decoder-only models, the answer)."""
@@ -676,7 +712,7 @@ class LoadedModel:
             plan = prompts.answer_prompt(style, question, short=short)
         else:
             plan = prompts.fit_chat(style, history, question, count_tokens=self.count_tokens, budget=budget)
-        ids = self.tokenizer(plan.text, verbose=False).input_ids
+        ids = self.tokenize(plan.text)
         if len(ids) > budget:
             what = "question" if task is not Task.CAPTION else "caption prompt"
             raise PromptTooLongError(
@@ -685,9 +721,7 @@ class LoadedModel:
                 + (f" and a {max_new_tokens}-token answer." if self.spec.decoder_only else ".")
                 + " Please shorten it" + (" or lower max_new_tokens." if self.spec.decoder_only else ".")
             )
-        qformer_text = None
-        if self.spec.family is Family.INSTRUCTBLIP:
-            qformer_text = plan.instruction if plan.instruction is not None else plan.text
+        qformer_text = plan.text if self.spec.family is Family.INSTRUCTBLIP else None
         input_ids = (self.image_token_id,) * self.spec.num_query_tokens + tuple(ids)
         return Prepared(task, plan, input_ids, qformer_text, len(ids), self.spec.context_tokens,
                         self.spec.num_query_tokens)
@@ -704,59 +738,73 @@ class LoadedModel:
                        ) -> torch.Tensor:
         """Language-model inputs for an image (num_query_tokens x hidden), computed once per image content.
 
-        BLIP-2's features depend on the image alone. InstructBLIP's Q-Former also reads the instruction:
-        the vision encoder's output is cached per image and the Q-Former runs per instruction.
+        BLIP-2's features depend on the image alone. InstructBLIP's Q-Former also reads the prompt text:
+        the vision encoder's output is cached per image and the Q-Former runs per text.
         """
         key = key or image_key(image)
-        full_key = (key, qformer_text if self.spec.family is Family.INSTRUCTBLIP else None)
+        instruct = self.spec.family is Family.INSTRUCTBLIP
+        full_key = (key, qformer_text if instruct else None)
         cached = self.features.get(full_key)
         if cached is not None:
             return cached
-        if self.spec.family is Family.BLIP2:
-            features = self.model.get_image_features(self.pixel_values(image), return_dict=True).pooler_output
-        else:
-            vision_key = (key, "<vision>")
-            image_embeds = self.features.get(vision_key)
-            if image_embeds is None:
-                image_embeds = self.model.vision_model(pixel_values=self.pixel_values(image),
-                                                       return_dict=True).last_hidden_state
+        vision_key = (key, "<vision>")
+        image_embeds = self.features.get(vision_key) if instruct else None
+        if image_embeds is None:
+            image_embeds = self.model.vision_model(pixel_values=self.pixel_values(image),
+                                                   return_dict=True).last_hidden_state
+            if instruct:
                 self.features.put(vision_key, image_embeds)
-            features = self._instruct_qformer(image_embeds, qformer_text or "")
+        features = self._qformer(image_embeds, (qformer_text or "") if instruct else None)
         self.features.put(full_key, features)
         return features
 
-    def _instruct_qformer(self, image_embeds: torch.Tensor, instruction: str) -> torch.Tensor:
-        """InstructBLIP's Q-Former and projection (transformers' get_image_features, steps 2 and 3)."""
+    def _qformer(self, image_embeds: torch.Tensor, text: str | None) -> torch.Tensor:
+        """The Q-Former and projection (transformers' get_image_features, steps 2 and 3), in their own
+        precision (float32: :func:`keep_qformer_float32`); the result in the language model's dtype.
+
+        ``text`` is InstructBLIP's Q-Former text (None for BLIP-2), cut from the left to
+        QFORMER_MAX_TEXT_TOKENS (or the Q-Former's own position limit, if lower).
+        """
         model = self.model
-        limit = self.spec.qformer_tokens or 512
-        encoded = self.processor.qformer_tokenizer(
-            instruction, truncation=True, max_length=limit, return_tensors="pt"
-        )
-        qformer_ids = encoded.input_ids.to(image_embeds.device)
-        qformer_mask = encoded.attention_mask.to(image_embeds.device)
-        image_mask = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=image_embeds.device)
+        device = image_embeds.device
         query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_mask = torch.ones(query_tokens.size()[:-1], dtype=torch.long, device=image_embeds.device)
+        image_mask = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=device)
+        kwargs: dict[str, Any] = {}
+        if text is not None:
+            limit = min(QFORMER_MAX_TEXT_TOKENS, self.spec.qformer_tokens or QFORMER_MAX_TEXT_TOKENS)
+            encoded = self.processor.qformer_tokenizer(text, truncation=True, max_length=limit,
+                                                       split_special_tokens=True, return_tensors="pt")
+            query_mask = torch.ones(query_tokens.size()[:-1], dtype=torch.long, device=device)
+            kwargs = {"input_ids": encoded.input_ids.to(device),
+                      "attention_mask": torch.cat([query_mask, encoded.attention_mask.to(device)], dim=1)}
         output = model.qformer(
-            input_ids=qformer_ids,
-            attention_mask=torch.cat([query_mask, qformer_mask], dim=1),
             query_embeds=query_tokens,
-            encoder_hidden_states=image_embeds,
+            encoder_hidden_states=image_embeds.to(query_tokens.dtype),
             encoder_attention_mask=image_mask,
             return_dict=True,
+            **kwargs,
         ).last_hidden_state[:, : query_tokens.size(1), :]
-        return model.language_projection(output)
+        projection = model.language_projection
+        features = projection(output.to(projection.weight.dtype))
+        return features.to(model.get_input_embeddings().weight.dtype)
 
     # ---------------------------------------------------------------- phase 2: generate
 
-    def _special_token_ids(self) -> list[int]:
-        """Ids never worth generating: the image placeholder, and padding where it is not also EOS."""
-        ids = {self.image_token_id}
-        pad = self.tokenizer.pad_token_id
-        eos = self.tokenizer.eos_token_id
-        if pad is not None and pad != eos:
-            ids.add(int(pad))
-        return sorted(ids)
+    def _stop_token_ids(self) -> list[int]:
+        """The language model's own stop tokens (an int or a list in its generation config, as transformers
+        reads it from ``text_config``: "\\n" on blip2-opt) together with the tokenizer's eos."""
+        configured = self.model.language_model.generation_config.eos_token_id
+        ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+        ids.append(self.tokenizer.eos_token_id)
+        return sorted({int(i) for i in ids if i is not None and int(i) >= 0})
+
+    def _suppressed_token_ids(self) -> list[int]:
+        """Ids never worth generating: the image placeholder, padding, and the rows past the tokenizer
+        that a resized or padded embedding has (blip2-opt: 50304 rows for 50266 tokens). Never a stop id."""
+        ids = {self.image_token_id, *range(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)}
+        if self.tokenizer.pad_token_id is not None:
+            ids.add(int(self.tokenizer.pad_token_id))
+        return sorted(ids - set(self.stop_ids))
 
     def _inputs_embeds(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         embeds = self.model.get_input_embeddings()(input_ids)
@@ -825,15 +873,23 @@ class LoadedModel:
     def _run(self, jobs: list[_Job], settings: GenerationSettings, on_text: Callable[[str], None] | None = None
              ) -> None:
         """Run jobs that share settings as one batch (device lock held); results and errors go on the jobs."""
-        live = [job for job in jobs if not job.cancel.is_set()]
+        live = []
         for job in jobs:
             if job.cancel.is_set():
                 job.error = CancelledError("The request was cancelled before it started.")
+            elif (count := job.prepared.input_ids.count(self.image_token_id)) != self.spec.num_query_tokens:
+                # Checked before features are placed: a malformed request fails alone, never its batch.
+                job.error = BadInputError(
+                    f"This request has {count} image positions where {self.name} needs exactly "
+                    f"{self.spec.num_query_tokens}, so it was not run.")
+            else:
+                live.append(job)
         if not live:
             return
         try:
             self._generate_ids(live, settings, on_text)
         except (torch.OutOfMemoryError, MemoryError) as exc:
+            self.clear_caches()
             _free_accelerator_memory()
             error = GenerationError(
                 "The model ran out of memory on this request. Try fewer new tokens, fewer beams, "
@@ -868,11 +924,16 @@ class LoadedModel:
         stopper = _Stopper([job.cancel for job in jobs], min((j.deadline for j in jobs if j.deadline), default=None),
                            collector)
         kwargs = settings.generate_kwargs()
+        if self.spec.decoder_only and kwargs["repetition_penalty"] != 1.0:
+            # LAVIS passes only embeddings, so its penalty never touches the prompt or the history;
+            # transformers' own penalty would (it sees input_ids). Penalise the new tokens only.
+            kwargs["logits_processor"] = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(
+                float(kwargs.pop("repetition_penalty")), prompt_ignore_length=width)])
         kwargs.update(
             stopping_criteria=StoppingCriteriaList([stopper]),
-            suppress_tokens=self._special,
+            suppress_tokens=self.suppressed_ids,
             pad_token_id=pad,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.stop_ids,
             return_dict_in_generate=True,
         )
         if not self.spec.decoder_only:
@@ -892,12 +953,15 @@ class LoadedModel:
             cached = output.past_key_values.get_seq_length()
             self.prefix_cache.put(feature_key, tuple(sequences[0][:cached]), output.past_key_values)
         start = self._decoder_start_id() if not self.spec.decoder_only else None
+        stops = set(self.stop_ids)
         for index, (job, sequence) in enumerate(zip(jobs, sequences)):
             if self.spec.decoder_only:
                 sequence = sequence[width:]
             elif sequence and sequence[0] == start:
                 sequence = sequence[1:]
-            job.new_ids = sequence
+            # a row of a batch that stopped early is padded to the others' length after its stop token
+            end = next((i + 1 for i, token in enumerate(sequence) if token in stops), len(sequence))
+            job.new_ids = sequence[:end]
             job.reason = stopper.reasons[index]
             job.batch_size = len(jobs)
 
@@ -911,6 +975,20 @@ class LoadedModel:
         if start is None:
             start = self.checkpoint_generation.get("decoder_start_token_id", self._pad_id())
         return int(start)
+
+    # ---------------------------------------------------------------- caches
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by the conversations' key/value caches and the image features (the manager counts them)."""
+        prefix = self.prefix_cache.nbytes if self.prefix_cache is not None else 0
+        return prefix + self.features.nbytes
+
+    def clear_caches(self) -> None:
+        """Drop the key/value caches and image features (out of memory, parked, freed)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        self.features.clear()
 
     # ---------------------------------------------------------------- phase 3: decode
 
@@ -1068,6 +1146,41 @@ def upgrade_old_layout(model: Any, processor: Any, label: str) -> bool:
     return changed
 
 
+def keep_qformer_float32(model: Any) -> bool:
+    """Keep the Q-Former, its query tokens and the projection in float32, as LAVIS does for every family
+    (transformers 5.23 does it for float16 BLIP-2 only). Modules holding quantized (bitsandbytes) weights
+    are left as they are. Returns whether anything changed.
+
+    Cost at the blip2-opt-2.7b size on this CPU: see README "Prompts and decoding" (Q-Former precision).
+    """
+    changed = False
+    for name in ("qformer", "language_projection"):
+        module = getattr(model, name, None)
+        params = list(module.parameters()) if module is not None else []
+        if params and all(p.is_floating_point() for p in params) and any(p.dtype != torch.float32 for p in params):
+            module.to(torch.float32)
+            # transformers' own forward hands these modules bfloat16/float16 inputs (BLIP-2 casts the
+            # Q-Former output back to the vision dtype; InstructBLIP's Q-Former does not cast its input)
+            module.register_forward_pre_hook(_inputs_to_float32, with_kwargs=True)
+            changed = True
+    tokens = getattr(model, "query_tokens", None)
+    if isinstance(tokens, torch.nn.Parameter) and tokens.dtype != torch.float32:
+        tokens.data = tokens.data.float()
+        changed = True
+    return changed
+
+
+def _inputs_to_float32(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def cast(value: Any) -> Any:
+        return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    return tuple(cast(a) for a in args), {key: cast(value) for key, value in kwargs.items()}
+
+
+# The -coco caption checkpoints were converted with vision image_size 364 (all others: 224).
+COCO_IMAGE_SIZE = 364
+
+
 def _spec_from(model: Any, kind: CheckpointKind, ref: ModelRef, upgraded: bool) -> ModelSpec:
     config = model.config
     text = config.text_config
@@ -1080,8 +1193,12 @@ def _spec_from(model: Any, kind: CheckpointKind, ref: ModelRef, upgraded: bool) 
         qformer_tokens = int(getattr(config.qformer_config, "max_position_embeddings", 512))
     if ref.entry is not None:
         style = ref.entry.prompt_style
+    elif kind.family is Family.INSTRUCTBLIP:
+        style = PromptStyle.INSTRUCTBLIP
+    elif getattr(config.vision_config, "image_size", None) == COCO_IMAGE_SIZE:
+        style = PromptStyle.BLIP2_COCO  # a local folder or hub id holding a -coco caption checkpoint
     else:
-        style = PromptStyle.INSTRUCTBLIP if kind.family is Family.INSTRUCTBLIP else PromptStyle.BLIP2
+        style = PromptStyle.BLIP2
     return ModelSpec(kind.family, kind.language_model, style, int(config.num_query_tokens), context,
                      qformer_tokens, upgraded)
 

@@ -269,8 +269,8 @@ class ModelManager:
         if plan.device == "cpu" or plan.quantization != "none":
             return model  # freed after the new model loads, or restored if it fails
         try:
+            model.clear_caches()  # key/value caches and features live on the GPU
             model.model.to("cpu")
-            model.features.clear()
             _empty_cuda()
             self._parked[name] = model
             log.info("Parked %s in CPU memory", name)
@@ -316,10 +316,12 @@ def resolve_any(name: str) -> ModelRef:
 
 
 def _footprint(model: Any) -> int:
+    """Bytes a loaded model holds: its weights, and its key/value caches and image features."""
     try:
-        return int(model.model.get_memory_footprint())
+        weights = int(model.model.get_memory_footprint())
     except Exception:  # noqa: BLE001 - a stand-in without weights
-        return 0
+        weights = 0
+    return weights + int(getattr(model, "cache_bytes", 0) or 0)
 
 
 def _empty_cuda() -> None:
@@ -335,7 +337,7 @@ def _free(model: Any) -> None:
 
     device = model.plan.device
     before = torch.cuda.memory_allocated() if device.startswith("cuda") else None
-    model.features.clear()
+    model.clear_caches()
     model.model = None
     gc.collect()
     _empty_cuda()

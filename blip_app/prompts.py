@@ -3,18 +3,18 @@
 Pure functions over plain data: no torch, no tokenizer of their own. The engine passes a token
 counter and a budget; these functions decide the words.
 
-Formats (the ones each family was trained and evaluated with):
+Formats (the ones each family was trained and evaluated with; sources in README "Prompts and decoding"):
 
-=============  ===========================  =================================  ============================
-task           BLIP-2                       BLIP-2 -coco                       InstructBLIP
-=============  ===========================  =================================  ============================
-caption        "" (no prompt)               "a photo of"                       "A short image caption:"
-detailed       "" (decoding does the rest)  "a photo of"                       "Write a detailed description
-                                                                               of the image."
-answer         "Question: {q} Answer:"      same                               "{q}"
-short answer   "Question: {q} Short answer:" same                              "Question: {q} Short answer:"
+=============  ============================  =================================  ============================
+task           BLIP-2                        BLIP-2 -coco                       InstructBLIP
+=============  ============================  =================================  ============================
+caption        "" (no prompt)                "a photo of"                       "A short image caption."
+detailed       "" (decoding does the rest)   "a photo of"                       "Write a detailed description
+                                                                                of the image."
+answer         "Question: {q} Answer:"       same                               "{q}"
+short answer   "Question: {q} Short answer:" same                               "Question: {q} Short answer:"
 chat           past turns "Question: {q} Answer: {a}." joined by spaces, then "Question: {q} Answer:"
-=============  ===========================  =================================  ============================
+=============  ============================  =================================  ============================
 
 InstructBLIP chat: the first turn is exactly the VQA instruction (the bare question), so a one-turn
 chat and a question give the same answer. Later turns put the earlier turns before the new question in
@@ -22,13 +22,11 @@ the BLIP-2 transcript form above: the language model needs the words said, and "
 is one of the VQA templates InstructBLIP was instruction-tuned with, while the trailing "Answer:"
 keeps it from continuing the transcript.
 
-The Q-Former's instruction is the question that opened the conversation, for every turn of it (even
-after that turn was trimmed from the language model's prompt). The image is then seen once per
-conversation, as a chat model sees it: its 32 visual tokens stay the same from turn to turn, so the
-key/value cache of the conversation so far can be reused and a turn computes only its new tokens.
-(Re-running the Q-Former on each new question would change the very first positions of the prompt
-and force the whole conversation to be recomputed on every turn.) The Q-Former's own 512-token limit
-is enforced by truncating the instruction, apart from the language model's budget.
+InstructBLIP's Q-Former reads the same text as the language model, for every task and every turn, as
+transformers' InstructBlipProcessor and LAVIS do (the engine cuts it from the left to 128 Q-Former
+tokens, as LAVIS does, so the newest question is never cut). The visual tokens of a conversation
+therefore follow its newest question, and a chat turn on InstructBLIP cannot reuse the key/value cache
+of the turns before it: quality first.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ from dataclasses import dataclass
 from .catalog import PromptStyle
 from .errors import BadInputError, PromptTooLongError
 
-INSTRUCT_CAPTION = "A short image caption:"
+INSTRUCT_CAPTION = "A short image caption."  # LAVIS caption evaluation prompt
 INSTRUCT_DETAILED = "Write a detailed description of the image."
 COCO_PREFIX = "a photo of"
 
@@ -56,10 +54,9 @@ class Turn:
 
 @dataclass(frozen=True)
 class PromptPlan:
-    """What to send: the language model's text, the Q-Former's instruction, and what was dropped."""
+    """What to send: the language model's text (InstructBLIP's Q-Former reads it too), and what was dropped."""
 
     text: str  # the language model's prompt; the image tokens go before it
-    instruction: str | None  # InstructBLIP's Q-Former text; None for BLIP-2
     kept_turns: int = 0
     dropped_turns: int = 0
 
@@ -104,11 +101,10 @@ def format_turn(turn: Turn) -> str:
 def caption_prompt(style: PromptStyle, *, detailed: bool = False) -> PromptPlan:
     """The caption prompt of a prompt style."""
     if style is PromptStyle.INSTRUCTBLIP:
-        instruction = INSTRUCT_DETAILED if detailed else INSTRUCT_CAPTION
-        return PromptPlan(text=instruction, instruction=instruction)
+        return PromptPlan(text=INSTRUCT_DETAILED if detailed else INSTRUCT_CAPTION)
     if style is PromptStyle.BLIP2_COCO:
-        return PromptPlan(text=COCO_PREFIX, instruction=None)
-    return PromptPlan(text="", instruction=None)
+        return PromptPlan(text=COCO_PREFIX)
+    return PromptPlan(text="")
 
 
 def answer_prompt(style: PromptStyle, question: str, *, short: bool = False) -> PromptPlan:
@@ -120,7 +116,7 @@ def answer_prompt(style: PromptStyle, question: str, *, short: bool = False) -> 
         text = question
     else:
         text = f"Question: {question} Answer:"
-    return PromptPlan(text=text, instruction=question if style is PromptStyle.INSTRUCTBLIP else None)
+    return PromptPlan(text=text)
 
 
 def chat_prompt(style: PromptStyle, history: Sequence[Turn], message: str) -> PromptPlan:
@@ -130,8 +126,7 @@ def chat_prompt(style: PromptStyle, history: Sequence[Turn], message: str) -> Pr
     question = _single_line(message)
     parts = [format_turn(turn) for turn in history]
     parts.append(f"Question: {question} Answer:")
-    instruction = _single_line(history[0].question) if style is PromptStyle.INSTRUCTBLIP else None
-    return PromptPlan(text=" ".join(parts), instruction=instruction, kept_turns=len(history))
+    return PromptPlan(text=" ".join(parts), kept_turns=len(history))
 
 
 def fit_chat(
@@ -163,5 +158,4 @@ def fit_chat(
         else:
             low = drop + 1
     plan = chat_prompt(style, history[low:], message)
-    opener = chat_prompt(style, history[:1], message).instruction  # the conversation's first question
-    return PromptPlan(plan.text, opener, kept_turns=len(history) - low, dropped_turns=low)
+    return PromptPlan(plan.text, kept_turns=len(history) - low, dropped_turns=low)

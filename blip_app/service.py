@@ -103,14 +103,20 @@ class Service:
         return {"task": task, "question": question, "history": turns, "preset": preset,
                 "overrides": dict(overrides or {}), "short": short, "detailed": detailed, "older_turns": older}
 
+    def settings_for(self, loaded: Any, request: Mapping[str, Any]):
+        """The validated decoding settings of a request on a loaded model: its family's task defaults,
+        the preset, the checkpoint's saved settings and the request's overrides (settings.resolve_settings)."""
+        return resolve_settings(request["task"], request["preset"], request["overrides"],
+                                checkpoint=loaded.checkpoint_generation, limits=self.limits,
+                                traits=loaded.spec.traits, short=request["short"])
+
     def _prepare(self, loaded: Any, request: Mapping[str, Any]):
         if not hasattr(loaded, "prepare"):
             from .errors import BadInputError
 
             raise BadInputError(f"{loaded.name} is an image-text matching model: it gives trust scores and "
                                 "search, not captions or answers. Choose a captioning model.")
-        settings = resolve_settings(request["task"], request["preset"], request["overrides"],
-                                    checkpoint=loaded.checkpoint_generation, limits=self.limits)
+        settings = self.settings_for(loaded, request)
         prepared = loaded.prepare(request["task"], question=request["question"], history=request["history"],
                                   short=request["short"], detailed=request["detailed"],
                                   max_new_tokens=settings.max_new_tokens)

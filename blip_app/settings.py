@@ -1,8 +1,9 @@
-"""Generation settings: presets per task, explicit overrides, and their validation.
+"""Generation settings: defaults per family and task, presets, explicit overrides, and their validation.
 
-Layering, lowest first: the preset for the task; for the ``standard`` preset, the decoding settings
-the checkpoint saved in its generation_config.json; then the caller's explicit overrides. Every value
-is validated against a range and the server's caps, with a message naming the bad value.
+Layering, lowest first: the reference decoding of the model's family for the task (see
+:func:`task_defaults`); the preset; for the ``standard`` preset, the decoding settings the checkpoint
+saved in its generation_config.json; then the caller's explicit overrides. Every value is validated
+against a range and the server's caps, with a message naming the bad value.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 from typing import Any
 
+from .catalog import Family, LanguageModel
 from .errors import SettingsError
 
 
@@ -27,13 +29,13 @@ class Task(str, Enum):
 class Preset(str, Enum):
     """Named decoding recipes."""
 
-    STANDARD = "standard"  # the papers' beam search (or the checkpoint's own saved settings)
+    STANDARD = "standard"  # the reference decoding of the family and task (or the checkpoint's saved settings)
     FAST = "fast"  # greedy: quickest, and the answer streams as it is written
     DETAILED = "detailed"  # longer, less repetitive output
 
 
 PRESET_HELP = {
-    Preset.STANDARD: "Beam search, as in the BLIP-2 and InstructBLIP papers (or the checkpoint's saved settings).",
+    Preset.STANDARD: "Beam search with the reference settings of the model's family (LAVIS, the model cards).",
     Preset.FAST: "Greedy decoding: the quickest, and the answer appears word by word.",
     Preset.DETAILED: "Longer, more descriptive output with a repetition penalty.",
 }
@@ -44,7 +46,7 @@ class GenerationSettings:
     """Fully resolved decoding settings for one request."""
 
     max_new_tokens: int = 30
-    min_new_tokens: int = 0
+    min_new_tokens: int = 1
     num_beams: int = 5
     do_sample: bool = False
     temperature: float = 1.0
@@ -59,17 +61,20 @@ class GenerationSettings:
         return self.num_beams == 1
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``generate()``; every value explicit (the checkpoint's config is not read)."""
+        """Keyword arguments for ``generate()``; every value explicit (the checkpoint's config is not read).
+
+        At least one new token: an answer never comes back empty because the first token was a stop
+        token (LAVIS generates with min_length 1).
+        """
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
-            "min_new_tokens": self.min_new_tokens,
+            "min_new_tokens": min(max(1, self.min_new_tokens), self.max_new_tokens),
             "num_beams": self.num_beams,
             "do_sample": self.do_sample,
             "repetition_penalty": self.repetition_penalty,
         }
-        if self.num_beams > 1:
+        if self.num_beams > 1:  # early_stopping stays transformers' default (False), as in LAVIS
             kwargs["length_penalty"] = self.length_penalty
-            kwargs["early_stopping"] = True
         if self.do_sample:
             kwargs["temperature"] = self.temperature
             kwargs["top_p"] = self.top_p
@@ -82,19 +87,48 @@ class GenerationSettings:
 
 SETTING_NAMES = tuple(f.name for f in fields(GenerationSettings))
 
-# Task defaults of the papers (LAVIS): captions up to 30 tokens, VQA answers up to 10 with a length
-# penalty that favours short answers; chat answers get more room.
-_TASK_MAX_TOKENS = {Task.CAPTION: 30, Task.ANSWER: 10, Task.CHAT: 60}
-_TASK_LENGTH_PENALTY = {Task.CAPTION: 1.0, Task.ANSWER: -1.0, Task.CHAT: 1.0}
+@dataclass(frozen=True)
+class ModelTraits:
+    """What the reference decoding of a model depends on: its family, its language model, COCO tuning."""
+
+    family: Family = Family.BLIP2
+    language_model: LanguageModel = LanguageModel.OPT
+    coco: bool = False  # a -coco caption checkpoint
 
 
-def preset_settings(task: Task, preset: Preset) -> GenerationSettings:
-    """The settings a preset gives a task, before the checkpoint's and the caller's."""
-    base = GenerationSettings(
-        max_new_tokens=_TASK_MAX_TOKENS[task],
-        num_beams=5,
-        length_penalty=_TASK_LENGTH_PENALTY[task],
-    )
+def task_defaults(task: Task, traits: ModelTraits = ModelTraits(), *, short: bool = False) -> GenerationSettings:
+    """The decoding the references use for a family and task (README "Prompts and decoding" has the sources).
+
+    InstructBLIP (model card; LAVIS ``blip2_*_instruct.generate``): beams 5, up to 256 new tokens,
+    repetition penalty 1.5, length penalty 1 for free-form answers and chat; captions as LAVIS
+    evaluates them (10 to 80 tokens); 10 tokens and length penalty -1 only with the short-answer
+    template (LAVIS ``predict_answers``). BLIP-2 (LAVIS ``blip2_opt`` / ``blip2_t5``): captions with
+    beams 5, at most 30 tokens, at least 1 (the -coco checkpoints: at least 8, their caption
+    evaluation); answers as ``predict_answers`` (10 tokens; length penalty 0 on OPT, -1 on Flan-T5);
+    chat as ``generate`` (30 tokens, length penalty 1). LAVIS applies the repetition penalty to the
+    generated tokens only; the engine does too.
+    """
+    base = GenerationSettings(max_new_tokens=30, min_new_tokens=1, num_beams=5, top_p=0.9,
+                              repetition_penalty=1.0, length_penalty=1.0)
+    if traits.family is Family.INSTRUCTBLIP:
+        instruct = replace(base, repetition_penalty=1.5)
+        if task is Task.ANSWER and short:
+            return replace(instruct, max_new_tokens=10, length_penalty=-1.0)
+        if task is Task.CAPTION:
+            return replace(instruct, max_new_tokens=80, min_new_tokens=10)
+        return replace(instruct, max_new_tokens=256)
+    if task is Task.CAPTION:
+        return replace(base, min_new_tokens=8) if traits.coco else base
+    if task is Task.ANSWER:
+        return replace(base, max_new_tokens=10,
+                       length_penalty=-1.0 if traits.language_model is LanguageModel.FLAN_T5 else 0.0)
+    return base
+
+
+def preset_settings(task: Task, preset: Preset, traits: ModelTraits = ModelTraits(), *,
+                    short: bool = False) -> GenerationSettings:
+    """The settings a preset gives a task on a model, before the checkpoint's and the caller's."""
+    base = task_defaults(task, traits, short=short)
     if preset is Preset.FAST:
         return replace(base, num_beams=1)
     if preset is Preset.DETAILED:
@@ -166,11 +200,15 @@ def resolve_settings(
     *,
     checkpoint: Mapping[str, Any] | None = None,
     limits: Limits = Limits(),
+    traits: ModelTraits = ModelTraits(),
+    short: bool = False,
 ) -> GenerationSettings:
-    """Validated settings for a request: preset, then the checkpoint's (standard preset only), then overrides.
+    """Validated settings for a request: the model's task defaults and preset, then the checkpoint's
+    (standard preset only), then overrides.
 
     ``overrides`` values of None mean "not set". ``checkpoint`` holds only the values a checkpoint's
-    generation_config.json sets explicitly (see engine). Raises SettingsError naming the bad value.
+    generation_config.json sets explicitly (see engine). ``traits`` and ``short`` choose the reference
+    decoding (:func:`task_defaults`). Raises SettingsError naming the bad value.
     """
     try:
         task = Task(task)
@@ -180,7 +218,7 @@ def resolve_settings(
         preset = Preset(preset or Preset.STANDARD)
     except ValueError:
         raise SettingsError(f"Unknown preset {preset!r}; use one of: {', '.join(p.value for p in Preset)}.") from None
-    settings = preset_settings(task, preset)
+    settings = preset_settings(task, preset, traits, short=short)
     if checkpoint and preset is Preset.STANDARD:
         saved = {k: checkpoint[k] for k in _CHECKPOINT_KEYS if checkpoint.get(k) is not None}
         try:

@@ -40,34 +40,11 @@ def models(tiny_checkpoints):
     return {family: LoadedModel.load(resolve(str(path))) for family, path in tiny_checkpoints.items()}
 
 
-def reference_ids(loaded: LoadedModel, image: Image.Image, text: str, settings: GenerationSettings) -> list[int]:
-    """What transformers' own generate() makes of the same image and prompt (no caching, no shortcuts)."""
-    inputs = loaded.processor(images=image, text=text, return_tensors="pt")
-    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.vision_dtype)
-    kwargs = settings.generate_kwargs()
-    kwargs.update(suppress_tokens=loaded._special, pad_token_id=loaded._pad_id(),
-                  eos_token_id=loaded.tokenizer.eos_token_id)
-    if not loaded.spec.decoder_only:
-        kwargs["decoder_start_token_id"] = loaded._decoder_start_id()
-    with torch.inference_mode():
-        output = loaded.model.generate(**inputs, **kwargs)[0].tolist()
-    if loaded.spec.decoder_only:
-        return output[inputs["input_ids"].shape[1]:]
-    return output[1:]
-
-
 def our_ids(loaded: LoadedModel, image: Image.Image, prepared, settings) -> list[int]:
     return list(loaded.generate(image, prepared, settings).token_ids)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("task", [Task.CAPTION, Task.ANSWER])
-@pytest.mark.parametrize("settings", [GREEDY, GenerationSettings(max_new_tokens=6, num_beams=3)], ids=["greedy", "beam"])
-def test_same_tokens_as_transformers_generate(models, family, task, settings):
-    loaded = models[family]
-    prepared = loaded.prepare(task, question="what is in the picture?", max_new_tokens=settings.max_new_tokens)
-    image = noise(1)
-    assert our_ids(loaded, image, prepared, settings) == reference_ids(loaded, image, prepared.prompt.text, settings)
+# The comparison with transformers' own generate() is tests/test_reference.py.
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -109,12 +86,12 @@ def test_image_features_are_computed_once_per_image(models, family):
     assert len(calls) == 1
 
 
-def test_instructblip_qformer_reads_the_opening_question_all_conversation_long(models):
+def test_instructblip_qformer_reads_the_language_models_text_on_every_turn(models):
     loaded = models["instructblip-vicuna"]
     assert loaded.prepare(Task.CHAT, question="first?").qformer_text == "first?"
     prepared = loaded.prepare(Task.CHAT, question="what now?", history=[Turn("first?", "yes")])
-    assert prepared.qformer_text == "first?"
     assert prepared.prompt.text == "Question: first? Answer: yes. Question: what now? Answer:"
+    assert prepared.qformer_text == prepared.prompt.text
 
 
 def test_instructblip_qformer_instruction_is_cut_to_its_own_limit(models):
@@ -309,14 +286,15 @@ def test_prefix_reuse_gives_the_same_tokens_as_computing_from_scratch(tiny_check
     without = chat_turns(scratch, image, QUESTIONS, settings)
     assert [r.token_ids for r in with_cache] == [r.token_ids for r in without]
     assert with_cache[0].reused_tokens == 0
-    # InstructBLIP's first turn is the bare question (as in VQA), so its second turn shares only the
-    # image tokens with it; from then on, and for BLIP-2 from the second turn, the whole previous
-    # prompt (image tokens included) comes from the cache.
-    first_full = 1 if family == "blip2-opt" else 2
-    assert with_cache[1].reused_tokens >= with_cache[0].image_tokens
-    for earlier, later in zip(with_cache[first_full - 1:], with_cache[first_full:]):
-        assert later.reused_tokens >= earlier.image_tokens + earlier.prompt_tokens
     assert all(r.reused_tokens == 0 for r in without)
+    if family == "instructblip-vicuna":
+        # The Q-Former reads each turn's prompt, so the visual tokens (the first positions) change from
+        # turn to turn and nothing can be reused: the price of instruction-aware features.
+        assert all(r.reused_tokens == 0 for r in with_cache)
+        return
+    # BLIP-2: from the second turn, the whole previous prompt (image tokens included) comes from the cache.
+    for earlier, later in zip(with_cache, with_cache[1:]):
+        assert later.reused_tokens >= earlier.image_tokens + earlier.prompt_tokens
 
 
 def test_prefix_cache_memory_is_bounded(tiny_checkpoints):

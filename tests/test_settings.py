@@ -11,8 +11,8 @@ from blip_app.settings import Limits, Preset, Task, resolve_settings
 def test_presets_per_task():
     standard = resolve_settings(Task.CAPTION, Preset.STANDARD)
     assert (standard.num_beams, standard.max_new_tokens, standard.streams) == (5, 30, False)
-    answer = resolve_settings(Task.ANSWER, Preset.STANDARD)
-    assert (answer.max_new_tokens, answer.length_penalty) == (10, -1.0)
+    answer = resolve_settings(Task.ANSWER, Preset.STANDARD)  # BLIP-2 OPT unless traits say otherwise
+    assert (answer.max_new_tokens, answer.length_penalty) == (10, 0.0)
     fast = resolve_settings(Task.CHAT, Preset.FAST)
     assert fast.num_beams == 1 and fast.streams and not fast.do_sample
     detailed = resolve_settings(Task.CAPTION, Preset.DETAILED)
