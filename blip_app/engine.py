@@ -617,6 +617,11 @@ class LoadedModel:
         on_plan_device = plan.quantization in ("none", "int8-cpu")  # bitsandbytes places layers itself
         self.device = torch.device(plan.device if on_plan_device else _first_device(model))
         self.vision_dtype = next(model.vision_model.parameters()).dtype
+        # The tokenizer's special and added tokens by id, and what it adds around any text (BOS or EOS).
+        self._special_texts = {int(i): str(t) for i, t in self.tokenizer.added_tokens_decoder.items()}
+        self._special_texts.update(zip(self.tokenizer.all_special_ids, self.tokenizer.all_special_tokens))
+        self._frame = self.tokenizer("", verbose=False).input_ids
+        self._frame_first = self.tokenizer("a", verbose=False).input_ids[: len(self._frame)] == self._frame
         self.stop_ids = self._stop_token_ids()
         self.suppressed_ids = self._suppressed_token_ids()
         if getattr(processor, "qformer_tokenizer", None) is not None:
@@ -679,8 +684,31 @@ class LoadedModel:
         return self._batcher.announce()
 
     def tokenize(self, text: str) -> list[int]:
-        """A prompt's language-model ids (with the tokenizer's BOS); special tokens typed in it are plain text."""
-        return self.tokenizer(text, verbose=False, split_special_tokens=True).input_ids
+        """A prompt's language-model ids (with the tokenizer's BOS or EOS); special tokens typed in it are
+        plain text.
+
+        ``split_special_tokens`` keeps the tokenizer from matching its added tokens (``<image>``, ``[PAD]``)
+        in the text, but a Unigram model (T5) still holds ``<pad>``, ``</s>`` and ``<unk>`` as ordinary
+        pieces with the best score: a special token the user typed that comes out whole is tokenized
+        again in two halves, and any special id left is dropped.
+        """
+        ids = self.tokenizer(text, verbose=False, split_special_tokens=True).input_ids
+        specials = self._special_texts
+        typed = {i for i in ids if i in specials and specials[i] in text}
+        if not typed:
+            return ids
+        frame = len(self._frame)
+        head, body, tail = ((ids[:frame], ids[frame:], []) if self._frame_first
+                            else ([], ids[: len(ids) - frame], ids[len(ids) - frame:]))
+        out: list[int] = []
+        for token in body:
+            if token not in typed:
+                out.append(token)
+                continue
+            for part in (specials[token][:1], specials[token][1:]):
+                part_ids = self.tokenizer(part, add_special_tokens=False, split_special_tokens=True).input_ids
+                out.extend(i for i in part_ids if i not in specials)
+        return head + out + tail
 
     def count_tokens(self, text: str) -> int:
         """Language-model tokens of a prompt text, the tokenizer's own special tokens included."""
