@@ -1176,26 +1176,22 @@ def upgrade_old_layout(model: Any, processor: Any, label: str) -> bool:
 
 def keep_qformer_float32(model: Any) -> bool:
     """Keep the Q-Former, its query tokens and the projection in float32, as LAVIS does for every family
-    (transformers 5.23 does it for float16 BLIP-2 only). Modules holding quantized (bitsandbytes) weights
-    are left as they are. Returns whether anything changed.
+    (transformers 5.23 does it for float16 BLIP-2 only). A model whose Q-Former or projection holds
+    quantized (bitsandbytes) weights is left as loaded. Returns whether anything changed.
 
-    Cost at the blip2-opt-2.7b size on this CPU: see README "Prompts and decoding" (Q-Former precision).
+    Cost at the blip2-opt-2.7b size on this CPU: see README "Prompts and decoding" (precision).
     """
-    changed = False
-    for name in ("qformer", "language_projection"):
-        module = getattr(model, name, None)
-        params = list(module.parameters()) if module is not None else []
-        if params and all(p.is_floating_point() for p in params) and any(p.dtype != torch.float32 for p in params):
-            module.to(torch.float32)
-            # transformers' own forward hands these modules bfloat16/float16 inputs (BLIP-2 casts the
-            # Q-Former output back to the vision dtype; InstructBLIP's Q-Former does not cast its input)
-            module.register_forward_pre_hook(_inputs_to_float32, with_kwargs=True)
-            changed = True
-    tokens = getattr(model, "query_tokens", None)
-    if isinstance(tokens, torch.nn.Parameter) and tokens.dtype != torch.float32:
-        tokens.data = tokens.data.float()
-        changed = True
-    return changed
+    modules = [model.qformer, model.language_projection]
+    params = [p for module in modules for p in module.parameters()] + [model.query_tokens]
+    if not all(p.is_floating_point() for p in params) or all(p.dtype == torch.float32 for p in params):
+        return False
+    for module in modules:
+        module.to(torch.float32)
+        # transformers' own forward hands these modules half-precision inputs (BLIP-2 casts the Q-Former
+        # output back to the vision dtype; InstructBLIP's Q-Former does not cast its input)
+        module.register_forward_pre_hook(_inputs_to_float32, with_kwargs=True)
+    model.query_tokens.data = model.query_tokens.data.float()
+    return True
 
 
 def _inputs_to_float32(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

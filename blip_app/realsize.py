@@ -310,13 +310,15 @@ def build_config(entry: CatalogEntry, sizes: Sizes, tokenizer: Any) -> Any:
         T5Config,
     )
 
+    from . import tiny
+
     arch = sizes.text
     if entry.language_model is LanguageModel.OPT:
         text = OPTConfig(vocab_size=arch.vocab, hidden_size=arch.hidden, word_embed_proj_dim=arch.hidden,
                          num_hidden_layers=arch.layers, num_attention_heads=arch.heads, ffn_dim=arch.mlp,
                          max_position_embeddings=sizes.text_positions, do_layer_norm_before=True,
-                         activation_function="relu", bos_token_id=2, eos_token_id=2, pad_token_id=1,
-                         tie_word_embeddings=True)
+                         activation_function="relu", bos_token_id=2, eos_token_id=tiny.newline_id(tokenizer),
+                         pad_token_id=1, tie_word_embeddings=True)  # stops on "\n", as the published ones
     elif entry.language_model is LanguageModel.VICUNA:
         text = LlamaConfig(vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.mlp,
                            num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
@@ -421,7 +423,8 @@ def _write_checkpoint(out: Path, entry: CatalogEntry, sizes: Sizes, seed: int) -
     model = build_model(entry, sizes, processor.tokenizer, seed)
     built = time.perf_counter()
     model.generation_config = tiny._generation_config(
-        model.config.text_config, encoder_decoder=not model.config.use_decoder_only_language_model)
+        model.config.text_config, processor.tokenizer,
+        encoder_decoder=not model.config.use_decoder_only_language_model)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())

@@ -285,6 +285,15 @@ class RetrievalModel:
         self.max_text_tokens = int(model.config.qformer_config.max_position_embeddings)
         self.lock_timeout = lock_timeout
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the cached image features (the manager counts them in its memory budget)."""
+        return self.features.nbytes
+
+    def clear_caches(self) -> None:
+        """Drop the cached image features (parked, freed)."""
+        self.features.clear()
+
     @classmethod
     def load(cls, ref: ModelRef, options: LoadOptions = LoadOptions(), *, hardware: Hardware | None = None,
              source: str | None = None, **model_options: Any) -> RetrievalModel:

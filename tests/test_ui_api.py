@@ -199,7 +199,7 @@ def _views(handlers, message: str, chat: dict, uploaded: dict, model: str, **set
 
 
 def test_the_chat_says_when_older_turns_were_dropped(handlers, uploaded: dict, models: list[str]) -> None:
-    long_answer = " ".join(["the cat is sitting on a warm blanket"] * 12)
+    long_answer = " ".join(["the cat is sitting on a warm blanket"] * 60)  # 4 of these pass 2,048 positions
     chat = _conversation(uploaded, [[f"question {n}?", long_answer] for n in range(4)])
     final = _views(handlers, "And now?", chat, uploaded, models[0], max_new_tokens=8)[-1]
     chatbot, state, note = final[:3]
