@@ -224,7 +224,7 @@ def save_text(text: str, filename: str, directory: str | Path | None = None) -> 
     folder = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="blip_app-"))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / safe
-    path.write_text(text, encoding="utf-8")
+    path.write_text(text, encoding="utf-8", newline="")  # the text chooses its line endings (CSV: CRLF)
     return path
 
 
@@ -388,7 +388,10 @@ def _imported_settings(settings: Any) -> dict[str, Any]:
 # Batch caption results.
 
 BATCH_COLUMNS = ("file", "caption", "model", *SETTING_NAMES, "seconds", "error")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# OWASP's list of characters a spreadsheet may read as the start of a formula: at the start of a cell,
+# and after every line break inside one (an importer may split a cell's lines into rows or cells).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
+_FORMULA_AFTER_BREAK = re.compile(r"(?<=[\r\n])(?=[=+\-@\t])")
 
 
 def batch_rows(results: Iterable[Any]) -> list[dict[str, Any]]:
@@ -403,18 +406,24 @@ def batch_rows(results: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def _csv_cell(value: Any) -> Any:
-    """Text that a spreadsheet would run as a formula gets a leading quote; numbers are left as numbers."""
+    """Text a spreadsheet could run as a formula gets a leading quote, on every line; numbers stay numbers."""
     if value is None:
         return ""
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    return value
+    if not isinstance(value, str):
+        return value
+    value = _FORMULA_AFTER_BREAK.sub("'", value)
+    return "'" + value if value.startswith(_FORMULA_START) else value
 
 
 def batch_to_csv(results: Iterable[Any]) -> str:
-    """Batch results as CSV with a header row; cells starting with = + - @ (or tab / CR) are quoted with '."""
+    """Batch results as CSV (RFC 4180) with a header row; no cell can start a formula.
+
+    Every field that holds a line break, a bare carriage return included, is quoted (the csv module
+    quotes the characters of its line terminator, hence CRLF), and a line of a cell that starts with
+    = + - @ or a tab (or a cell that starts with a line break) gets a leading '.
+    """
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=BATCH_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=BATCH_COLUMNS, lineterminator="\r\n")
     writer.writeheader()
     for row in batch_rows(results):
         writer.writerow({key: _csv_cell(value) for key, value in row.items()})
