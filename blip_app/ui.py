@@ -24,6 +24,7 @@ Type hints here are evaluated at run time by gradio (``gr.api`` reads the return
 resolving strings), so this module does not use ``from __future__ import annotations``.
 """
 
+import contextlib
 import html
 import logging
 import os
@@ -1020,6 +1021,53 @@ async def _watch_event(event: Any, cancel: threading.Event, every: float = 0.2) 
             cancel.set()
             return
         await asyncio.sleep(every)
+
+
+def _current_queue_event() -> Any:
+    """The gradio queue event the running page handler serves, or None (called directly, or another gradio).
+
+    gradio sets its per-call context (``LocalContext``) before every call and every step of a
+    generator, in the worker thread that runs it.
+    """
+    try:
+        from gradio.context import LocalContext
+
+        event_id = LocalContext.event_id.get(None)
+        blocks = LocalContext.blocks.get(None)
+        if not event_id or blocks is None:
+            return None
+        return blocks._queue.event_ids_to_events.get(event_id)
+    except Exception:  # noqa: BLE001 - no queue: Stop still works
+        return None
+
+
+@contextlib.contextmanager
+def stopped_when_client_leaves(cancel: threading.Event, every: float = 0.2) -> Iterator[threading.Event]:
+    """Within this block, ``cancel`` is set once gradio marks the page event being served dead.
+
+    gradio stops iterating a generator whose client left only after its current step returns, and a
+    step that waits for a slow result (a batch's next caption) would run to its end: a watcher thread
+    sets ``cancel`` instead, so the work stops at its next token.
+    """
+    event = _current_queue_event()
+    if event is None:
+        yield cancel
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(every):
+            if not getattr(event, "alive", True) or getattr(event, "closed", False):
+                log.info("A page went away: stopping its work")
+                cancel.set()
+                return
+
+    watcher = threading.Thread(target=watch, name="client-watch", daemon=True)
+    watcher.start()
+    try:
+        yield cancel
+    finally:
+        done.set()
 
 
 class _Guard:

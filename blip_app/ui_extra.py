@@ -77,6 +77,7 @@ from .ui import (
     model_status,
     settings_panel,
     split_settings,
+    stopped_when_client_leaves,
     uploaded_path,
 )
 
@@ -101,6 +102,7 @@ SLIDERS = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temper
            "repetition_penalty", "length_penalty")
 
 BATCH_HEADERS = ["file", "caption", "seconds", "note"]
+ROWS_EVERY_S = 0.5  # the Batch table is sent again at most this often for rows that cost no model run
 RESET_IMPORT_INPUT = ("() => { const input = document.querySelector('#chat-files input[type=file]'); "
                       "if (input) input.value = ''; }")
 
@@ -220,20 +222,25 @@ def uploaded_files(value: Any) -> list[tuple[str, str]]:
     return files
 
 
-def expand_uploads(value: Any, image_limits: ImageLimits, max_images: int) -> tuple[list[BatchItem], list[str]]:
+def expand_uploads(value: Any, image_limits: ImageLimits, max_files: int) -> tuple[list[BatchItem], list[str]]:
     """The images in uploaded files and zip archives (named by the original file names), and notes.
 
-    Entries that are not images come back as skipped items (their ``note`` says why). More than
-    ``max_images`` images is refused with a BadInputError before anything is decoded.
+    Entries that are not images come back as skipped items (their ``note`` says why). Every entry
+    counts against ``max_files``, images or not (each costs a row, and an archive of thousands of text
+    files would otherwise cost as much as thousands of images): one more is refused with a
+    BadInputError before anything is decoded.
     """
     items: list[BatchItem] = []
     for path, name in uploaded_files(value):
-        for item in iter_images([path], image_limits=image_limits):
-            shown = name + item.name[len(path):] if item.name.startswith(path) else Path(item.name).name
-            items.append(BatchItem(shown, item.load, item.note))
-    images = sum(1 for item in items if not item.skipped)
-    if images > max_images:
-        raise BadInputError(f"{images:,} images were given; at most {max_images:,} can be handled at once here.")
+        try:
+            for item in iter_images([path], image_limits=image_limits):
+                if len(items) >= max_files:
+                    raise BadInputError(f"More than {max_files:,} files were given (every file in an archive "
+                                        f"counts, images or not); at most {max_files:,} can be handled at once here.")
+                shown = name + item.name[len(path):] if item.name.startswith(path) else Path(item.name).name
+                items.append(BatchItem(shown, item.load, item.note))
+        except BadInputError as exc:  # an archive refused whole: named as the person named it, not by its temp path
+            raise BadInputError(str(exc).replace(path, name)) from None
     return items, [f"{item.name}: {item.note}" for item in items if item.skipped]
 
 
@@ -754,15 +761,21 @@ class Extras:
         off = gr.DownloadButton(value=None, interactive=False)
         yield ([], f"Working… 0 of {total}.", off, off, gr.Button(visible=False), gr.Button(visible=True))
         try:
-            if not any(s.name == model and s.state == "loaded" for s in self.service.models()):
-                progress(0, desc=f"Loading {model}…")
-            steps = caption_many(self.service, model, items, preset, overrides, detailed=style == "detailed",
-                                 cancel=cancel, progress=lambda done, count, name: progress(
-                                     (done, count), desc=f"{done} of {count}", unit="images"))
-            for result in steps:
-                results.append(result)
-                yield (batch_table(results), batch_summary(results, total, running=True), gr.skip(), gr.skip(),
-                       gr.skip(), gr.skip())
+            with stopped_when_client_leaves(cancel):
+                if not any(s.name == model and s.state == "loaded" for s in self.service.models()):
+                    progress(0, desc=f"Loading {model}…")
+                steps = caption_many(self.service, model, items, preset, overrides, detailed=style == "detailed",
+                                     cancel=cancel, progress=lambda done, count, name: progress(
+                                         (done, count), desc=f"{done} of {count}", unit="images"))
+                shown = time.monotonic()
+                for result in steps:
+                    results.append(result)
+                    # Each view re-sends the whole table: a caption (which took a model run) is shown at once,
+                    # rows that cost nothing (skipped files, unreadable images) at most every ROWS_EVERY_S.
+                    if result.ok or time.monotonic() - shown >= ROWS_EVERY_S:
+                        shown = time.monotonic()
+                        yield (batch_table(results), batch_summary(results, total, running=True), gr.skip(),
+                               gr.skip(), gr.skip(), gr.skip())
         except Exception as exc:  # noqa: BLE001
             _notify(exc)
         finally:

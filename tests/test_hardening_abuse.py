@@ -1,0 +1,181 @@
+"""Attacks on a public Space (issue 15), each reproduced on loopback with tiny checkpoints.
+
+Memory, CPU and disk held by hostile requests, handlers outside the rate limit, CSV injection, text
+that import and chat disagree on, and the messages such requests get. Page handlers are called as
+gradio calls them (uploads as file records in gradio's upload folder, ``preprocess=False``); the API and
+the HTTP server are driven over loopback. Every loop is bounded; each test takes seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip_app.engine import DEVICE_LOCKS
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoints: dict[str, Path]) -> list[str]:
+    return [str(tiny_checkpoints["blip2-opt"]), str(tiny_checkpoints["instructblip-flan-t5"])]
+
+
+class _Session:
+    """What gradio hands a handler as its gr.Request, for one browser session."""
+
+    def __init__(self, name: str = "abuse-tests", host: str = "127.0.0.1") -> None:
+        self.session_hash = name
+        self.username = None
+        self.headers: dict[str, str] = {}
+        self.client = SimpleNamespace(host=host)
+
+
+def _no_progress(*args, **kwargs) -> None:
+    return None
+
+
+def upload(name: str, data: bytes) -> dict:
+    """A file as gradio hands an upload to a handler with preprocess=False."""
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()) / "blip-app-abuse-tests" / os.urandom(6).hex()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    target.write_bytes(data)
+    return {"path": str(target), "orig_name": name, "meta": {"_type": "gradio.FileData"}}
+
+
+def text_zip(members: int, prefix: str = "note") -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for number in range(members):
+            zf.writestr(f"{prefix}-{number:04d}.txt", "not a photo")
+    return buffer.getvalue()
+
+
+def noise_png(seed: int, side: int = 48) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def wait_until(condition, timeout: float, every: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return condition()
+
+
+@pytest.fixture(scope="module")
+def service(models: list[str]):
+    from blip_app.config import parse_config
+    from blip_app.service import Service
+
+    config = parse_config([flag for m in models for flag in ("--model", m)] + ["--offline", "--trust-model", "none"])
+    made = Service(config.offered_models, config.load, limits=config.limits)
+    yield made
+    made.manager.close()
+
+
+def make_extras(service, models: list[str], *flags: str):
+    from blip_app.config import parse_config
+    from blip_app.ratelimit import RateLimiter
+    from blip_app.ui_extra import Extras
+
+    config = parse_config([flag for m in models for flag in ("--model", m)] +
+                          ["--offline", "--trust-model", "none", *flags])
+    return Extras(service, config, RateLimiter(config.rate_limit_per_minute))
+
+
+def refusals(recorded: list) -> list[str]:
+    return [str(w.message) for w in recorded if issubclass(w.category, UserWarning)]
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Batch: every archive member counts, rows are not re-sent for free, the work stops when the page goes
+
+
+def test_batch_counts_every_archive_member_against_one_cap(service, models: list[str]) -> None:
+    extras = make_extras(service, models)  # --max-batch-images 100
+    files = [upload("notes.zip", text_zip(1999))]
+    started = time.monotonic()
+    with pytest.warns(UserWarning) as recorded:
+        views = list(extras.run_batch(files, models[0], "short", _Session(), _no_progress, preset="fast"))
+    assert len(views) == 1 and views[0][4].visible  # refused before anything ran: Run is back
+    message = refusals(recorded)[0]
+    assert "More than 100 files were given" in message and "every file in an archive counts" in message
+    assert time.monotonic() - started < 5
+    # two archives of 60 text files and one photo each: 122 entries in one run, one cap
+    two = [upload("a.zip", text_zip(60, "a")), upload("b.zip", text_zip(60, "b")),
+           upload("p1.png", noise_png(1)), upload("p2.png", noise_png(2))]
+    with pytest.warns(UserWarning, match="More than 100 files were given"):
+        assert len(list(extras.run_batch(two, models[0], "short", _Session(), _no_progress, preset="fast"))) == 1
+
+
+def test_batch_rows_that_cost_nothing_are_not_resent_one_by_one(service, models: list[str]) -> None:
+    extras = make_extras(service, models, "--max-batch-images", "2000")
+    files = [upload("notes.zip", text_zip(1999)), upload("photo.png", noise_png(3))]
+    started = time.monotonic()
+    views = list(extras.run_batch(files, models[0], "short", _Session(), _no_progress, preset="fast",
+                                  max_new_tokens=3))
+    seconds = time.monotonic() - started
+    tables = [view[0] for view in views if isinstance(view[0], list)]
+    assert len(tables[-1]) == 2000 and "**1** of 2000 captioned" in views[-1][1]
+    sent = sum(len(table) for table in tables)
+    print(f"\n2,000 rows: {len(tables)} table views, {sent:,} rows sent, {seconds:.1f} s")
+    assert len(tables) <= 12 and sent <= 12 * 2000  # was one view per row: 2,000 views, 2 million rows
+
+
+def test_a_batch_stops_at_once_when_its_page_goes_away(service, models: list[str]) -> None:
+    """gradio marks the event dead when the page's stream closes; the running captions stop at their next token."""
+    from gradio.context import LocalContext
+
+    extras = make_extras(service, models)
+    loaded = service.manager.get(models[0])
+    steps = []
+    hook = loaded.model.language_model.register_forward_pre_hook(
+        lambda module, args: (steps.append(time.monotonic()), time.sleep(0.05)) and None)
+    event = SimpleNamespace(alive=True, closed=False)
+    queue = SimpleNamespace(event_ids_to_events={"batch-event": event}, log_message=lambda **message: None)
+    blocks = SimpleNamespace(_queue=queue, has_launched=False)
+    files = [upload(f"p{n}.png", noise_png(10 + n)) for n in range(4)]
+    returned = threading.Event()
+
+    def page() -> None:  # gradio runs each step of the generator with its context set, in a worker thread
+        LocalContext.event_id.set("batch-event")
+        LocalContext.blocks.set(blocks)
+        views = extras.run_batch(files, models[0], "short", _Session("leaving"), _no_progress, preset="fast",
+                                 max_new_tokens=60, min_new_tokens=60)
+        next(views)  # "Working… 0 of 4"
+        next(views)  # waits for the first caption: 60 steps of 50 ms or more
+        returned.set()
+        views.close()
+
+    worker = threading.Thread(target=page, daemon=True)
+    try:
+        worker.start()
+        assert wait_until(lambda: len(steps) >= 5, timeout=30)
+        event.alive = False  # the page went away
+        gone = time.monotonic()
+        assert wait_until(returned.is_set, timeout=10)
+        stopped = time.monotonic() - gone
+        assert wait_until(lambda: not DEVICE_LOCKS.get("cpu").locked(), timeout=5)
+        after = len([t for t in steps if t > gone + 0.5])
+        print(f"\npage gone: the batch stopped {stopped:.2f} s later")
+        assert stopped < 1.5 and after <= 1
+    finally:
+        hook.remove()
+        worker.join(timeout=10)
