@@ -403,13 +403,16 @@ def add_extra_api(service: Service, config: AppConfig, limiter: RateLimiter) -> 
             query = clean_text(query, what="search text", max_chars=SEARCH_TEXT_CHARS)
             items, _ = expand_uploads(images or [], image_limits, SEARCH_LIMIT)
             items = [item for item in items if not item.skipped]
-            pictures = []
-            for item in items:
-                try:
-                    pictures.append(item.load())
-                except BadImageError as exc:
-                    raise BadImageError(f"{item.name}: {exc}") from None
-            return [hit.as_dict() for hit in rank(service, model, pictures, query,
+
+            def loader(item: BatchItem) -> Any:
+                def load() -> Any:  # called by rank when this image's turn comes: one decoded at a time
+                    try:
+                        return item.load()
+                    except BadImageError as exc:
+                        raise BadImageError(f"{item.name}: {exc}") from None
+                return load
+
+            return [hit.as_dict() for hit in rank(service, model, [loader(item) for item in items], query,
                                                    names=[item.name for item in items])]
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
@@ -680,23 +683,32 @@ class Extras:
             self.limiter.check(client_key(request))
             query = clean_text(query, what="search text", max_chars=SEARCH_TEXT_CHARS)
             items, notes = expand_uploads(files, self.image_limits, SEARCH_LIMIT)
-            pictures, names = [], []
-            for item in items:
-                if item.skipped:
-                    continue
-                try:
-                    pictures.append(item.load())
-                    names.append(item.name)
-                except BlipAppError as exc:
-                    notes.append(f"{item.name}: {exc}")
-            if not pictures:
+            items = [item for item in items if not item.skipped]
+            if not items:
                 raise BadInputError("Add some photos (or a zip of photos) to search first.")
-            progress(0, desc=f"Ranking {len(pictures)} images…")
-            hits = search(self.service, self.trust_model, pictures, query, names=names)
+            thumbnails: dict[int, Any] = {}
+
+            def loader(index: int, item: BatchItem) -> Any:
+                def load() -> Any:  # called by search when this image's turn comes: one decoded at a time
+                    try:
+                        picture = item.load()
+                    except BlipAppError as exc:
+                        notes.append(f"{item.name}: {exc}")
+                        return None
+                    thumbnails[index] = thumbnail(picture)
+                    return picture
+                return load
+
+            progress(0, desc=f"Ranking {len(items)} images…")
+            hits = search(self.service, self.trust_model, [loader(i, item) for i, item in enumerate(items)], query,
+                          names=[item.name for item in items])
+            if not hits:
+                raise BadInputError("None of the files could be read as a photo: "
+                                    + "; ".join(notes[:3]) + ("…" if len(notes) > 3 else ""))
         except Exception as exc:  # noqa: BLE001
             _notify(exc)
             return gr.skip(), gr.skip()
-        gallery = [(thumbnail(pictures[hit.index]), search_caption(hit)) for hit in hits]
+        gallery = [(thumbnails[hit.index], search_caption(hit)) for hit in hits]
         lines = [f"**{len(hits)}** images ranked for “{inert(query)}”, best match first. Each score is the "
                  "probability that the sentence describes the photo (0.8 or more: very likely; 0.5: likely; "
                  "0.2: uncertain; below: unlikely)."]

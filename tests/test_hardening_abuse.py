@@ -179,3 +179,88 @@ def test_a_batch_stops_at_once_when_its_page_goes_away(service, models: list[str
     finally:
         hook.remove()
         worker.join(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Search decodes its pictures one at a time
+
+
+@pytest.fixture(scope="module")
+def tiny_retrieval(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from blip_app.tiny import make_tiny_retrieval_checkpoint
+
+    return str(make_tiny_retrieval_checkpoint(tmp_path_factory.mktemp("retrieval") / "itm"))
+
+
+class LiveDecodes:
+    """Counts the pictures load_image has decoded that are still alive (PIL images hold their pixels)."""
+
+    def __init__(self, monkeypatch) -> None:
+        import weakref
+
+        import blip_app.batch
+        import blip_app.images
+
+        self.alive = 0
+        self.most = 0
+        self.decoded = 0
+        self._lock = threading.Lock()
+        real = blip_app.images.load_image
+
+        def counted(*args, **kwargs):
+            picture = real(*args, **kwargs)
+            with self._lock:
+                self.alive += 1
+                self.decoded += 1
+                self.most = max(self.most, self.alive)
+            weakref.finalize(picture, self._gone)
+            return picture
+
+        monkeypatch.setattr(blip_app.batch, "load_image", counted)
+        monkeypatch.setattr("blip_app.ui_extra.load_image", counted)
+
+    def _gone(self) -> None:
+        with self._lock:
+            self.alive -= 1
+
+
+def test_search_holds_one_decoded_picture_at_a_time(models: list[str], tiny_retrieval: str, monkeypatch) -> None:
+    from gradio_client import Client, handle_file
+
+    from blip_app.config import parse_config
+    from blip_app.ratelimit import RateLimiter
+    from blip_app.service import Service
+    from blip_app.ui import inert
+    from blip_app.ui_extra import Extras
+
+    config = parse_config(["--model", models[0], "--offline", "--trust-model", tiny_retrieval])
+    service = Service(config.offered_models, config.load)
+    try:
+        extras = Extras(service, config, RateLimiter(0))
+        photos = {f"p{n}.png": noise_png(20 + n, side=96) for n in range(12)}
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as zf:
+            for name, data in list(photos.items())[6:]:
+                zf.writestr(name, data)
+        files = [upload(name, data) for name, data in list(photos.items())[:6]]
+        files.append(upload("more.zip", archive.getvalue()))
+        files.append(upload("broken.png", b"\x89PNG\r\n\x1a\n" + os.urandom(256)))
+        live = LiveDecodes(monkeypatch)
+        gallery, summary = extras.run_search(files, "a noisy square", _Session(), _no_progress)
+        assert len(gallery) == 12 and inert("broken.png: This PNG file is truncated") in summary
+        print(f"\nsearch of 12 photos: {live.decoded} decoded, at most {live.most} alive at once")
+        assert live.decoded == 12 and live.most <= 2
+    finally:
+        service.manager.close()
+    from _server import running_app
+
+    with running_app(models[:1], "--trust-model", tiny_retrieval) as app:
+        live = LiveDecodes(monkeypatch)
+        client = Client(app.url, verbose=False, download_files=False)
+        paths = []
+        for name, data in photos.items():
+            path = Path(upload(name, data)["path"])
+            paths.append(handle_file(str(path)))
+        hits = client.predict(paths, "a noisy square", api_name="/search")
+        client.close()
+    assert len(hits) == 12 and live.decoded == 12 and live.most <= 2
