@@ -79,6 +79,16 @@ EMPTY_PROMPT = "(empty: the model sees only the image tokens)"
 PRIVATE: dict[str, Any] = {"api_visibility": "private"}
 # Handlers that only reshuffle session data: never queued behind generations.
 LIGHT: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
+# Handlers that decode an upload (an image of up to 40 megapixels: 120 MB decoded; a conversation file) but
+# run no model: a few at a time across the whole server, so that a burst of uploads queues instead of
+# decoding all at once.
+DECODE: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": CONCURRENCY, "concurrency_id": "decode",
+                          "show_progress": "hidden"}
+# Model loads one client may start: at real size each reads gigabytes and may evict someone else's model.
+LOADS_PER_MINUTE_SHARE = 6  # a sixth of the request rate
+LOAD_BURST = 3
+LOAD_MESSAGE = ("Models are being switched too often from here: each switch loads gigabytes. Please wait {wait:.0f} s "
+                "before loading another model.")
 
 CSS = """
 .gradio-container { width: 100% !important; max-width: 1240px !important; margin: 0 auto !important; }
@@ -301,6 +311,14 @@ class _Running:
             del self._jobs[(session, task.value)]
 
 
+def loads_limiter(limiter: RateLimiter) -> RateLimiter:
+    """The stricter limit on model loads that goes with the request limit ``limiter`` (none if it has none)."""
+    per_minute = round(limiter.rate * 60)
+    if per_minute <= 0:
+        return RateLimiter(0)
+    return RateLimiter(max(1, per_minute // LOADS_PER_MINUTE_SHARE), burst=LOAD_BURST, message=LOAD_MESSAGE)
+
+
 def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
 
@@ -420,10 +438,12 @@ def inspector() -> Inspector:
 class Handlers:
     """The functions behind the page's events. Each takes and returns plain values."""
 
-    def __init__(self, service: Service, image_limits: ImageLimits, limiter: RateLimiter) -> None:
+    def __init__(self, service: Service, image_limits: ImageLimits, limiter: RateLimiter,
+                 load_limiter: RateLimiter | None = None) -> None:
         self.service = service
         self.image_limits = image_limits
         self.limiter = limiter
+        self.load_limiter = load_limiter or loads_limiter(limiter)
         self.running = _Running()
 
     # ---------------------------------------------------------------- shared pieces
@@ -445,9 +465,17 @@ class Handlers:
             _notify(exc)
             return gr.skip(), gr.skip()
 
-    def load_model(self, model: str, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple[Any, str]:
-        """Event: load the model just chosen, with a progress bar while it downloads and loads."""
+    def load_model(self, model: str, request: gr.Request,
+                   progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple[Any, str]:
+        """Event: load the model just chosen, with a progress bar while it downloads and loads.
+
+        Counted by the rate limit, and a model not already loaded also by the stricter one for loads (a
+        load at real size reads gigabytes and may evict another user's model).
+        """
         try:
+            self.limiter.check(client_key(request))
+            if model not in self.service.manager.loaded_names():
+                self.load_limiter.check(client_key(request))
             progress(0, desc=f"Loading {model}…")
             self.service.load(model)
         except Exception as exc:  # noqa: BLE001
@@ -474,6 +502,11 @@ class Handlers:
         """
         unchanged = tuple(gr.skip() for _ in range(7))
         if image is None:
+            return unchanged
+        try:
+            self.limiter.check(client_key(request))  # decoding a 40-megapixel upload costs 120 MB
+        except Exception as exc:  # noqa: BLE001 - the picture stays; the next message checks it again
+            _notify(exc)
             return unchanged
         try:
             digest = image_digest(self.picture(image))
@@ -521,11 +554,11 @@ class Handlers:
         self.running.stop(_session(request), Task.CHAT, superseded=True)
         return _chat_view(new_chat(chat.get("image")), note="")
 
-    def chat_preview(self, message: str, chat: dict[str, Any], image: Any, model: str,
+    def chat_preview(self, message: str, chat: dict[str, Any], image: Any, model: str, request: gr.Request,
                      progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> tuple[Any, Any]:
         """Event: show the prompt the message box would send, without generating."""
         turns = chat.get("turns") or []
-        return self._preview(Task.CHAT, model, settings, progress, question=message or "…", history=turns)
+        return self._preview(Task.CHAT, model, settings, progress, request, question=message or "…", history=turns)
 
     def _chat_turn(self, message: str, chat: dict[str, Any], original: dict[str, Any], image: Any, model: str,
                    settings: Mapping[str, Any], session: str, progress: gr.Progress,
@@ -600,15 +633,15 @@ class Handlers:
         yield from self._single(Task.ANSWER, image, model, settings, request, progress,
                                 question=question, short=bool(short))
 
-    def caption_preview(self, model: str, style: str, progress: gr.Progress = gr.Progress(track_tqdm=True),
-                        **settings: Any) -> tuple[Any, Any]:
+    def caption_preview(self, model: str, style: str, request: gr.Request,
+                        progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> tuple[Any, Any]:
         """Event: show the caption prompt without generating."""
-        return self._preview(Task.CAPTION, model, settings, progress, detailed=style == "detailed")
+        return self._preview(Task.CAPTION, model, settings, progress, request, detailed=style == "detailed")
 
-    def ask_preview(self, question: str, short: bool, model: str,
+    def ask_preview(self, question: str, short: bool, model: str, request: gr.Request,
                     progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> tuple[Any, Any]:
         """Event: show the question's prompt without generating."""
-        return self._preview(Task.ANSWER, model, settings, progress, question=question, short=bool(short))
+        return self._preview(Task.ANSWER, model, settings, progress, request, question=question, short=bool(short))
 
     def _single(self, task: Task, image: Any, model: str, settings: Mapping[str, Any], request: gr.Request,
                 progress: gr.Progress, **inputs: Any) -> Iterator[tuple[Any, ...]]:
@@ -647,8 +680,10 @@ class Handlers:
             self.running.finish(session, task, job)
 
     def _preview(self, task: Task, model: str, settings: Mapping[str, Any], progress: gr.Progress,
-                 **inputs: Any) -> tuple[Any, Any]:
+                 request: gr.Request | None, **inputs: Any) -> tuple[Any, Any]:
+        """The prompt and its token counts; counted by the rate limit (it may load the model)."""
         try:
+            self.limiter.check(client_key(request))
             preset, overrides = split_settings(task, settings)
             request = self.service.request(task, preset=preset, overrides=overrides, **inputs)
             prepared = self._prepare(model, request, progress)
@@ -837,7 +872,7 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             _examples(image, chat["message"], ask["question"])
         changed = image.change(handlers.on_image, [image, chat["state"]],
                                [image, chat["state"], chat["chatbot"], chat["note"], *chat["history_buttons"]],
-                               preprocess=False, **LIGHT)
+                               preprocess=False, **DECODE)
         extras.after_new_image(changed)  # a loaded conversation goes on once its picture is back
         model.select(spaces.GPU(handlers.load_model), model, [model, status], show_progress_on=[status], **PRIVATE)
         demo.load(handlers.refresh_models, model, [model, status], **LIGHT)

@@ -63,6 +63,7 @@ from .settings import Limits, Preset, Task, resolve_settings
 from .ui import (
     _STOP,
     CURSOR,
+    DECODE,
     LIGHT,
     PRESET_LABELS,
     PRIVATE,
@@ -493,26 +494,30 @@ class Extras:
         gr.on(triggers, lambda: "", None, line, **LIGHT)
         if task is Task.CAPTION:
             event.then(spaces.GPU(self.score_caption), [image, output], line, preprocess=False,
-                       show_progress="minimal", **PRIVATE)
+                       show_progress="minimal", concurrency_id="decode",
+                       concurrency_limit=DECODE["concurrency_limit"], **PRIVATE)
         else:
             event.then(spaces.GPU(self.score_answer), [image, question, output], line, preprocess=False,
-                       show_progress="minimal", **PRIVATE)
+                       show_progress="minimal", concurrency_id="decode",
+                       concurrency_limit=DECODE["concurrency_limit"], **PRIVATE)
 
-    def score_caption(self, image: Any, caption: str) -> str:
+    def score_caption(self, image: Any, caption: str, request: gr.Request = None) -> str:
         """Event: the trust line for the caption shown, on the picture shown."""
-        return self._score(Task.CAPTION, image, "", caption)
+        return self._score(Task.CAPTION, image, "", caption, request)
 
-    def score_answer(self, image: Any, question: str, answer: str) -> str:
+    def score_answer(self, image: Any, question: str, answer: str, request: gr.Request = None) -> str:
         """Event: the trust line for the question and answer shown, on the picture shown."""
-        return self._score(Task.ANSWER, image, question, answer)
+        return self._score(Task.ANSWER, image, question, answer, request)
 
-    def _score(self, task: Task, image: Any, question: str, text: str) -> str:
+    def _score(self, task: Task, image: Any, question: str, text: str, request: gr.Request | None) -> str:
+        """The trust line; counted by the rate limit (it decodes the picture and runs the matching model)."""
         from .retrieval import trust_score, trust_text
 
         reply = shown_reply(text)
         if not reply or image is None or not self.trust_model:
             return ""
         try:
+            self.limiter.check(client_key(request))
             trust = trust_score(self.service, self.trust_model, self.picture(image),
                                 trust_text(task, question or "", reply))
         except Exception as exc:  # noqa: BLE001 - the caption stands without its score; no toast each time
@@ -544,7 +549,7 @@ class Extras:
         state.change(self.chat_export, [state, model], [markdown, json_file], inputs_kwargs=settings, **LIGHT)
         sliders = [settings[name] for name in SLIDERS]
         outputs = [chat["chatbot"], state, chat["note"], model, status, pending, *chat["history_buttons"], *sliders]
-        load.upload(self.chat_import, [load, state, model, pending], outputs, preprocess=False, **LIGHT)
+        load.upload(self.chat_import, [load, state, model, pending], outputs, preprocess=False, **DECODE)
         # gradio leaves the file in the hidden <input>, so choosing the same file again would fire nothing
         load.upload(None, None, None, js=RESET_IMPORT_INPUT, **LIGHT)
         self._sliders = {name: settings[name] for name in SLIDERS}
@@ -580,13 +585,15 @@ class Extras:
             return gr.skip(), gr.skip()
         return gr.DownloadButton(value=str(md), interactive=True), gr.DownloadButton(value=str(js), interactive=True)
 
-    def chat_import(self, upload: Any, chat: Mapping[str, Any], model: str, pending: Any) -> tuple[Any, ...]:
+    def chat_import(self, upload: Any, chat: Mapping[str, Any], model: str, pending: Any,
+                    request: gr.Request = None) -> tuple[Any, ...]:
         """Event: read a JSON export; continue it now if the picture shown is its picture, else wait for it."""
         keep = self._unchanged()
         try:
             path = uploaded_files(upload)[0][0] if upload else None
             if path is None:
                 return keep
+            self.limiter.check(client_key(request))
             imported = conversation_from_json(Path(path))
         except Exception as exc:  # noqa: BLE001
             _notify(exc)

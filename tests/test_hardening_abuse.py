@@ -264,3 +264,121 @@ def test_search_holds_one_decoded_picture_at_a_time(models: list[str], tiny_retr
         hits = client.predict(paths, "a noisy square", api_name="/search")
         client.close()
     assert len(hits) == 12 and live.decoded == 12 and live.most <= 2
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Every handler that touches a model or decodes an upload is rate-limited and bounded
+
+TOO_QUICK = "You are sending requests too quickly"
+
+
+def _export_file(service, model: str) -> dict:
+    from blip_app.exports import card_for, conversation_to_json
+    from blip_app.images import image_digest, load_image
+    from blip_app.settings import GenerationSettings
+
+    digest = image_digest(load_image(EXAMPLES / "chelsea.jpg"))
+    card = card_for(service, model, GenerationSettings(), image_sha256=digest)
+    return upload("chat.json", conversation_to_json([("What is it?", "a cat")], card).encode())
+
+
+def test_every_model_and_upload_handler_counts_against_the_rate_limit(service, models: list[str],
+                                                                      tiny_retrieval: str) -> None:
+    import gradio as gr
+
+    from blip_app.config import parse_config
+    from blip_app.images import ImageLimits
+    from blip_app.ratelimit import RateLimiter
+    from blip_app.settings import Task
+    from blip_app.ui import Handlers, new_chat, settings_panel
+    from blip_app.ui_extra import Extras
+
+    photo = upload("chelsea.jpg", (EXAMPLES / "chelsea.jpg").read_bytes())
+    config = parse_config(["--model", models[0], "--offline", "--trust-model", tiny_retrieval])
+    export = _export_file(service, models[0])
+    calls = {
+        "load_model": lambda h, e, who: h.load_model(models[0], who, _no_progress),
+        "caption_preview": lambda h, e, who: h.caption_preview(models[0], "short", who, _no_progress),
+        "ask_preview": lambda h, e, who: h.ask_preview("What is it?", False, models[0], who, _no_progress),
+        "chat_preview": lambda h, e, who: h.chat_preview("Hi", new_chat(), photo, models[0], who, _no_progress),
+        "on_image": lambda h, e, who: h.on_image(photo, new_chat(), who),
+        "chat_import": lambda h, e, who: e.chat_import(export, new_chat(), models[0], None, who),
+    }
+    for name, call in calls.items():
+        limiter = RateLimiter(60, burst=2)
+        handlers = Handlers(service, ImageLimits(), limiter)
+        extras = Extras(service, config, limiter)
+        if name == "chat_import":
+            with gr.Blocks():
+                chat = {"state": gr.State(), "chatbot": gr.Chatbot(), "note": gr.Markdown(),
+                        "history_buttons": [gr.Button(), gr.Button(), gr.Button()],
+                        "settings": settings_panel(Task.CHAT, service.limits).controls}
+                extras.chat_files(chat, gr.Image(), gr.Dropdown(), gr.Markdown())
+        attacker = _Session(f"attack-{name}", host="10.0.0.66")
+        with pytest.warns(UserWarning) as recorded:
+            for _ in range(3):
+                call(handlers, extras, attacker)
+        assert any(TOO_QUICK in message for message in refusals(recorded)), (name, refusals(recorded))
+        call(handlers, extras, _Session("someone else", host="10.0.0.7"))  # another client is not affected
+
+    trusting = _trust_service(models, tiny_retrieval)  # the trust line runs the matching model
+    try:
+        scorer = Extras(trusting, config, RateLimiter(60, burst=2))
+        lines = [scorer.score_caption(photo, "a cat", _Session("scores", host="10.0.0.66")) for _ in range(3)]
+        assert "Confidence:" in lines[0] and TOO_QUICK in lines[2] and "not available" in lines[2]
+    finally:
+        trusting.manager.close()
+
+
+def _trust_service(models: list[str], tiny_retrieval: str):
+    from blip_app.config import parse_config
+    from blip_app.service import Service
+
+    config = parse_config(["--model", models[0], "--offline", "--trust-model", tiny_retrieval])
+    return Service(config.offered_models, config.load)
+
+
+def test_model_switches_have_a_stricter_limit_of_their_own(service, models: list[str]) -> None:
+    """10 switches in a row were accepted (each a multi-GB load at real size); choosing a loaded model costs no load."""
+    import warnings
+
+    from blip_app.images import ImageLimits
+    from blip_app.ratelimit import RateLimiter
+    from blip_app.ui import Handlers
+
+    handlers = Handlers(service, ImageLimits(), RateLimiter(60, burst=100))  # requests are not the limit here
+    attacker = _Session("switcher", host="10.0.0.66")
+    refused = []
+    for number in range(6):
+        for name in models:
+            service.manager.unload(name)
+        with warnings.catch_warnings(record=True) as recorded:
+            warnings.simplefilter("always")
+            handlers.load_model(models[number % 2], attacker, _no_progress)
+        refused.append(refusals(recorded))
+    assert [bool(r) for r in refused] == [False, False, False, True, True, True], refused
+    assert all("Models are being switched too often" in r[0] for r in refused[3:])
+    assert models[0] not in service.manager.loaded_names()
+    service.manager.get(models[0])
+    with warnings.catch_warnings(record=True) as recorded:
+        warnings.simplefilter("always")
+        handlers.load_model(models[0], attacker, _no_progress)  # already loaded: no load to refuse
+    assert refusals(recorded) == []
+
+
+def test_upload_decoders_share_a_bounded_concurrency(models: list[str], tiny_retrieval: str) -> None:
+    """20 simultaneous 40-megapixel images through on_image took RSS from 890 to 1,899 MB: no limit at all."""
+    import app as app_module
+    from blip_app.config import parse_config
+
+    config = parse_config(["--model", models[0], "--offline", "--trust-model", tiny_retrieval])
+    demo, service = app_module.create_app(config)
+    try:
+        by_name = {getattr(fn.fn, "__name__", ""): fn for fn in demo.fns.values()}
+        decoders = [by_name[name] for name in ("on_image", "chat_import", "score_caption", "score_answer")]
+        for fn in decoders:
+            assert fn.concurrency_limit == 2 and fn.concurrency_id == "decode", (fn.name, fn.concurrency_limit)
+        for name in ("load_model", "caption_preview", "ask_preview", "chat_preview"):
+            assert by_name[name].concurrency_limit not in (None,), name
+    finally:
+        service.manager.close()
