@@ -104,6 +104,8 @@ SLIDERS = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temper
 
 BATCH_HEADERS = ["file", "caption", "seconds", "note"]
 ROWS_EVERY_S = 0.5  # the Batch table is sent again at most this often for rows that cost no model run
+# Saves the export a click has just built (chat_export's output): the hidden button downloads its value.
+SAVE_EXPORT = "() => { setTimeout(() => document.querySelector('#chat-export-file')?.click(), 0); }"
 RESET_IMPORT_INPUT = ("() => { const input = document.querySelector('#chat-files input[type=file]'); "
                       "if (input) input.value = ''; }")
 
@@ -308,29 +310,69 @@ def _captions_filename(model: str, suffix: str) -> str:
 
 
 class _Downloads:
-    """Folders for the files the page offers for download.
+    """Folders for the files the page offers for download, deleted on the uploads' schedule.
 
-    gradio copies a file into its own cache when an event returns it, so each folder is removed once
-    it is older than ``keep_s``; the whole root goes when the app object does.
+    Exports hold what people wrote, so they live no longer than their uploads: a folder older than
+    ``keep_s`` seconds is removed by a sweeper thread that runs every ``min(keep_s, 600)`` seconds (as
+    gradio's ``delete_cache`` does for the copies it serves), ``keep_s`` None keeps them, and the whole
+    root goes when the app object does or the process exits (:meth:`close`).
     """
 
-    def __init__(self, keep_s: float = 900.0) -> None:
+    def __init__(self, keep_s: float | None = 900.0) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="blip_app-downloads-"))
         self.keep_s = keep_s
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.root), True)
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _close_downloads, str(self.root), self._stop)
 
     def folder(self) -> Path:
         """A new, empty folder (older ones are removed first)."""
+        self.sweep()
+        self._start_sweeper()
+        path = self.root / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def sweep(self) -> None:
+        """Remove the folders older than ``keep_s``."""
+        if self.keep_s is None:
+            return
         now = time.time()
-        for child in self.root.iterdir():
+        for child in list(self.root.iterdir()) if self.root.is_dir() else []:
             try:
-                if now - child.stat().st_mtime > self.keep_s:
+                if now - child.stat().st_mtime >= self.keep_s:
                     shutil.rmtree(child, ignore_errors=True)
             except OSError:
                 pass
-        path = self.root / uuid.uuid4().hex
-        path.mkdir()
-        return path
+
+    def _start_sweeper(self) -> None:
+        if self.keep_s is None or self._sweeper is not None:
+            return
+        with self._lock:
+            if self._sweeper is None:
+                every = max(0.5, min(self.keep_s, 600.0))
+                self._sweeper = threading.Thread(target=_sweep_every, args=(weakref.ref(self), self._stop, every),
+                                                 name="downloads-sweeper", daemon=True)
+                self._sweeper.start()
+
+    def close(self) -> None:
+        """Delete every file offered for download (at shutdown)."""
+        self._finalizer()
+
+
+def _sweep_every(downloads: Any, stop: threading.Event, every: float) -> None:
+    while not stop.wait(every):
+        current = downloads()
+        if current is None:
+            return
+        current.sweep()
+        del current
+
+
+def _close_downloads(root: str, stop: threading.Event) -> None:
+    stop.set()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 class _Cancels:
@@ -465,7 +507,8 @@ class Extras:
         self.trust_model = config.trust_model
         self.auto_trust = bool(config.trust and config.trust_model)
         self.max_batch_images = config.max_batch_images
-        self.downloads = _Downloads(keep_s=max(600.0, min(float(config.delete_uploads_after_s or 900), 3600.0)))
+        # exports and batch results: deleted on the uploads' schedule (--delete-uploads-after; 0 keeps them)
+        self.downloads = _Downloads(keep_s=float(config.delete_uploads_after_s) or None)
         self.batches = _Cancels()
         self._sliders: dict[str, Any] = {}  # the chat's settings sliders, by name
         self._resume: tuple[list[Any], list[Any]] | None = None  # inputs and outputs of chat_resume
@@ -540,13 +583,17 @@ class Extras:
                         "Load a JSON export, upload the same picture, and the conversation goes on.",
                         elem_classes="note")
             with gr.Row():
-                markdown = gr.DownloadButton("⬇ Markdown", value=None, interactive=False, size="sm",
-                                             elem_id="chat-export-md")
-                json_file = gr.DownloadButton("⬇ JSON", value=None, interactive=False, size="sm",
-                                              elem_id="chat-export-json")
+                markdown = gr.Button("⬇ Markdown", interactive=False, size="sm", elem_id="chat-export-md")
+                json_file = gr.Button("⬇ JSON", interactive=False, size="sm", elem_id="chat-export-json")
                 load = gr.UploadButton("⬆ Load a JSON export", file_types=[".json"], file_count="single",
                                        size="sm", elem_id="chat-import")
-        state.change(self.chat_export, [state, model], [markdown, json_file], inputs_kwargs=settings, **LIGHT)
+            # The file is written only when someone asks for it: a click builds it into this hidden button,
+            # and the page then clicks that to save it.
+            fetch = gr.DownloadButton("Save", value=None, visible="hidden", elem_id="chat-export-file")
+        state.change(self.export_buttons, state, [markdown, json_file], **LIGHT)
+        for button, build in ((markdown, self.export_markdown), (json_file, self.export_json)):
+            button.click(build, [state, model], fetch, inputs_kwargs=settings, **LIGHT).then(
+                None, None, None, js=SAVE_EXPORT, **LIGHT)
         sliders = [settings[name] for name in SLIDERS]
         outputs = [chat["chatbot"], state, chat["note"], model, status, pending, *chat["history_buttons"], *sliders]
         load.upload(self.chat_import, [load, state, model, pending], outputs, preprocess=False, **DECODE)
@@ -570,20 +617,39 @@ class Extras:
                 checkpoint = getattr(loaded, "checkpoint_generation", None)
         return resolve_settings(Task.CHAT, preset, overrides, checkpoint=checkpoint, limits=self.limits)
 
-    def chat_export(self, chat: Mapping[str, Any], model: str, **settings: Any) -> tuple[Any, Any]:
-        """Event (the conversation changed): fresh Markdown and JSON files for the download buttons."""
+    def export_buttons(self, chat: Mapping[str, Any]) -> tuple[Any, Any]:
+        """Event (the conversation changed): the download buttons work when there is something to export."""
+        ready = bool(chat.get("turns"))
+        return gr.Button(interactive=ready), gr.Button(interactive=ready)
+
+    def export_markdown(self, chat: Mapping[str, Any], model: str, request: gr.Request = None,
+                        **settings: Any) -> Any:
+        """Event (⬇ Markdown): the conversation as Markdown, written now, for the page to save."""
+        return self.chat_export("md", chat, model, request, **settings)
+
+    def export_json(self, chat: Mapping[str, Any], model: str, request: gr.Request = None, **settings: Any) -> Any:
+        """Event (⬇ JSON): the conversation as JSON, written now, for the page to save."""
+        return self.chat_export("json", chat, model, request, **settings)
+
+    def chat_export(self, kind: str, chat: Mapping[str, Any], model: str, request: gr.Request = None,
+                    **settings: Any) -> Any:
+        """The hidden download button holding a fresh ``kind`` ("md" or "json") export of the conversation.
+
+        Counted by the rate limit (each writes a file); deleted on the uploads' schedule.
+        """
         turns = chat.get("turns") or []
         if not turns:
-            return gr.DownloadButton(value=None, interactive=False), gr.DownloadButton(value=None, interactive=False)
+            gr.Info("There is nothing to export yet.")
+            return gr.skip()
         try:
+            self.limiter.check(client_key(request))
             card = card_for(self.service, model, self._chat_settings(model, settings), image_sha256=chat.get("image"))
-            folder = self.downloads.folder()
-            md = save_text(conversation_to_markdown(turns, card), export_filename(model, "md"), folder)
-            js = save_text(conversation_to_json(turns, card), export_filename(model, "json"), folder)
+            text = (conversation_to_markdown(turns, card) if kind == "md" else conversation_to_json(turns, card))
+            path = save_text(text, export_filename(model, kind), self.downloads.folder())
         except Exception as exc:  # noqa: BLE001
             _notify(exc)
-            return gr.skip(), gr.skip()
-        return gr.DownloadButton(value=str(md), interactive=True), gr.DownloadButton(value=str(js), interactive=True)
+            return gr.skip()
+        return gr.DownloadButton(value=str(path))
 
     def chat_import(self, upload: Any, chat: Mapping[str, Any], model: str, pending: Any,
                     request: gr.Request = None) -> tuple[Any, ...]:

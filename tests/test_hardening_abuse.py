@@ -382,3 +382,80 @@ def test_upload_decoders_share_a_bounded_concurrency(models: list[str], tiny_ret
             assert by_name[name].concurrency_limit not in (None,), name
     finally:
         service.manager.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Chat exports are written only when someone downloads, and deleted on the uploads' schedule
+
+
+def _download_files() -> set[Path]:
+    import tempfile
+
+    return {path for path in Path(tempfile.gettempdir()).glob("blip_app-downloads-*/*/*") if path.is_file()}
+
+
+def test_a_chat_change_writes_no_export(models: list[str]) -> None:
+    """Every chat change used to write a Markdown and a JSON copy of the conversation to a temp folder."""
+    import gradio as gr
+
+    import app as app_module
+    from blip_app.config import parse_config
+
+    config = parse_config(["--model", models[0], "--offline", "--trust-model", "none"])
+    demo, service = app_module.create_app(config)
+    try:
+        before = _download_files()
+        chat = {"image": "0" * 64, "turns": [["What is it?", "a secret"]]}
+        listeners = [fn for fn in demo.fns.values()
+                     if any(isinstance(demo.blocks.get(block), gr.State) and name == "change"
+                            for block, name in fn.targets)]
+        assert listeners
+        for fn in listeners:
+            positional = len(fn.inputs) - len(fn.input_keyword_names)
+            values = [chat if isinstance(c, gr.State) else c.value for c in fn.inputs]
+            fn.fn(*values[:positional], **dict(zip(fn.input_keyword_names, values[positional:])))
+        assert _download_files() == before
+    finally:
+        service.manager.close()
+
+
+def test_a_downloaded_export_is_deleted_on_the_uploads_schedule(service, models: list[str]) -> None:
+    extras = make_extras(service, models, "--delete-uploads-after", "1")
+    chat = {"image": "0" * 64, "turns": [["What is it?", "a secret"]]}
+    assert extras.export_markdown(chat, models[0], _Session(), preset="fast").value["path"]
+    written = [path for path in extras.downloads.root.rglob("*") if path.is_file()]
+    assert len(written) == 1 and "a secret" in written[0].read_text(encoding="utf-8")
+    path = written[0]  # (gradio serves a copy in its cache, which delete_cache removes on the same schedule)
+    assert wait_until(lambda: not path.exists(), timeout=4), "the export outlived --delete-uploads-after 1"
+    root = extras.downloads.root
+    extras.downloads.close()  # at shutdown, everything goes
+    assert not root.exists()
+
+
+def test_the_export_buttons_download_a_file_built_on_the_click(models: list[str], new_page) -> None:
+    pytest.importorskip("playwright.sync_api")
+    from _server import running_app
+
+    with running_app(models[:1], "--trust-model", "none") as app:
+        page = new_page()
+        page.goto(app.url)
+        page.locator("#image input[type=file]").set_input_files(str(EXAMPLES / "chelsea.jpg"))
+        page.locator("#message textarea").fill("What is <b>it</b>?")
+        page.locator("#send").click()
+        page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=bot]').length >= 1 && "
+                               "!document.querySelector('#chatbot').innerText.includes('thinking')")
+        page.wait_for_timeout(1000)  # whatever the chat change writes has been written by now
+        page.locator("#chat-files").click()
+        for button, suffix, needle in (("#chat-export-md", ".md", "What is \\<b\\>it\\</b\\>?"),
+                                       ("#chat-export-json", ".json", '"question": "What is <b>it</b>?"')):
+            page.locator(button).wait_for(state="visible")
+            page.wait_for_function(f"() => !document.querySelector('{button}').disabled")
+            written = _download_files()
+            with page.expect_download() as caught:
+                page.locator(button).click()
+            download = caught.value
+            assert download.suggested_filename.endswith(suffix)
+            assert needle in Path(download.path()).read_text(encoding="utf-8")
+            made = _download_files() - written
+            assert [path.suffix for path in made] == [suffix], made  # written by this click, not before
+        assert page.errors == []
