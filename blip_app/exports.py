@@ -34,7 +34,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BadInputError, SettingsError
-from .prompts import Turn, clean_text
+from .prompts import Turn
 from .settings import SETTING_NAMES, GenerationSettings, Limits, Preset, Task, resolve_settings
 
 FORMAT = "blip_app.conversation"
@@ -42,7 +42,9 @@ VERSION = 1
 
 MAX_IMPORT_BYTES = 2 * 1024 * 1024
 MAX_IMPORT_TURNS = 500
-MAX_IMPORT_CHARS = 20_000  # per question or answer
+# Per question, as in chat (AppConfig.max_message_chars; the app passes its own); an answer may be
+# service.ANSWER_CHARS_FACTOR times longer, as in chat.
+MAX_IMPORT_CHARS = 2000
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -274,8 +276,12 @@ def conversation_from_json(data: str | bytes | Path | Any, *, max_bytes: int = M
     ``data`` is the JSON text, its bytes, a binary stream, a Path, or a str naming an existing file
     (as gr.File hands uploads over). Refused: more than ``max_bytes``, not UTF-8 JSON, another format
     or a newer version, a card without model or settings, settings out of range, a bad image hash,
-    more than ``max_turns`` turns, a question or answer over ``max_chars`` characters.
+    more than ``max_turns`` turns, a turn that chat would refuse (a question over ``max_chars``
+    characters, an answer over ``max_chars`` times service.ANSWER_CHARS_FACTOR, a broken character):
+    the turns are cleaned and limited by the very function that cleans a chat's earlier turns.
     """
+    from .service import clean_turn  # imports no torch
+
     raw = _read(data, max_bytes)
     try:
         text = raw.decode("utf-8-sig")
@@ -317,11 +323,10 @@ def conversation_from_json(data: str | bytes | Path | Any, *, max_bytes: int = M
         if not isinstance(turn, dict):
             raise _refuse(f"turn {number} is not an object with a question and an answer.")
         try:
-            question = clean_text(turn.get("question"), what=f"question of turn {number}", max_chars=max_chars)
-            answer = clean_text(turn.get("answer"), what=f"answer of turn {number}", max_chars=max_chars,
-                                allow_empty=True)
+            cleaned = clean_turn(turn.get("question"), turn.get("answer"), max_chars=max_chars, number=number)
         except BadInputError as exc:
             raise _refuse(str(exc)) from None
+        question, answer = cleaned.question, cleaned.answer
         score = turn.get("trust")
         if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
                                   or not 0.0 <= score <= 1.0):

@@ -44,7 +44,7 @@ from gradio.data_classes import FileData  # noqa: E402
 from gradio.utils import get_upload_folder, is_in_or_equal  # noqa: E402
 
 from .config import AppConfig  # noqa: E402
-from .errors import BadImageError, BlipAppError, CancelledError, user_message  # noqa: E402
+from .errors import BadImageError, BadInputError, BlipAppError, CancelledError, user_message  # noqa: E402
 from .images import ImageLimits, image_digest, install_pillow_limits, load_image  # noqa: E402
 from .manager import ModelState  # noqa: E402
 from .ratelimit import RateLimiter  # noqa: E402
@@ -151,12 +151,28 @@ def _notify(exc: BaseException) -> None:
 
 
 def _api_error(exc: BaseException) -> gr.Error:
-    """The gr.Error that carries an exception's sentence to an API client."""
+    """The gr.Error that carries an exception's sentence to an API client, as plain text.
+
+    API endpoints are called by scripts (gradio_client, HTTP), never rendered by the page: the sentence
+    is sent as written (``<`` stays ``<``); the page's toasts escape theirs (:func:`_toast_text`).
+    """
     if isinstance(exc, BlipAppError):
         log.info("API request refused: %s", exc)
     else:
         log.exception("Unexpected error in an API endpoint")
-    return gr.Error(_toast_text(user_message(exc)), print_exception=False)
+    return gr.Error(user_message(exc), print_exception=False)
+
+
+def model_name(value: Any) -> str:
+    """The model an API call names, or a BadInputError saying what came instead of a name."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, str):
+        raise BadInputError("The model name is empty; give one of the names that /models lists.")
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:39] + "…"
+    raise BadInputError(f"The model must be given by its name, as text (one of the names /models lists), "
+                        f"not {type(value).__name__} {shown}.")
 
 
 def uploaded_path(value: Any) -> str:
@@ -768,7 +784,7 @@ def add_api(service: Service, image_limits: ImageLimits, default_model: str, lim
             request = service.request(Task.CAPTION, preset=preset, detailed=detailed, overrides=overrides(
                 max_new_tokens, min_new_tokens, num_beams, do_sample, temperature, top_p, repetition_penalty,
                 length_penalty))
-            return service.run(model, decode(image), request).text
+            return service.run(model_name(model), decode(image), request).text
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
 
@@ -783,7 +799,7 @@ def add_api(service: Service, image_limits: ImageLimits, default_model: str, lim
             request = service.request(Task.ANSWER, question=question, preset=preset, short=short,
                                       overrides=overrides(max_new_tokens, min_new_tokens, num_beams, do_sample,
                                                           temperature, top_p, repetition_penalty, length_penalty))
-            return service.run(model, decode(image), request).text
+            return service.run(model_name(model), decode(image), request).text
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
 
@@ -798,7 +814,7 @@ def add_api(service: Service, image_limits: ImageLimits, default_model: str, lim
             request = service.request(Task.CHAT, question=message, history=history or (), preset=preset,
                                       overrides=overrides(max_new_tokens, min_new_tokens, num_beams, do_sample,
                                                           temperature, top_p, repetition_penalty, length_penalty))
-            return service.run(model, decode(image), request).text
+            return service.run(model_name(model), decode(image), request).text
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
 
@@ -1110,12 +1126,22 @@ class _Guard:
 
     - ``/gradio_api/file=<URL>`` (and the older ``/file/<URL>``) is refused: gradio would fetch any
       public URL for any caller; this app serves only its own files.
+    - A request body larger than ``max_body`` bytes is refused with 413 before it is read (uploads
+      excepted: gradio's own ``max_file_size`` applies to them); gradio would hold the whole body, and
+      every input value in it, in memory before any handler could refuse it.
+    - ``/queue/join`` naming an event the page does not have gets 404 and a sentence, not a 500.
     - A full queue's 503 (``/queue/join``, ``/call/...``) carries :data:`BUSY_MESSAGE`, a sentence for
       people, instead of gradio's "Queue is full. Max size is N and size is N.".
+    - Open heartbeat streams are counted per session (:class:`Sessions`), so that sessions no page keeps
+      open can be expired.
     """
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, *, max_body: int = 8 * 1024 * 1024, blocks: Any = None,
+                 sessions: "Sessions | None" = None) -> None:
         self.app = app
+        self.max_body = max_body
+        self.blocks = blocks
+        self.sessions = sessions
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope.get("type") != "http":
@@ -1125,6 +1151,18 @@ class _Guard:
         if _REMOTE_FILE.search(path):
             await _send_json(send, 403, {"detail": "File not allowed: this server serves only its own files."})
             return
+        if "/heartbeat/" in path and self.sessions is not None:
+            session = path.rstrip("/").rsplit("/", 1)[-1]
+            with self.sessions.connected(session):
+                await self.app(scope, receive, send)
+            return
+        if scope.get("method") in ("POST", "PUT", "PATCH") and not path.rstrip("/").endswith("/upload"):
+            body = await self._read_body(scope, receive, send)
+            if body is None:
+                return  # refused
+            if path.endswith("/queue/join") and not await self._known_event(body, send):
+                return
+            receive = _replay(body, receive)
         if not (path.endswith("/queue/join") or "/call/" in path):
             await self.app(scope, receive, send)
             return
@@ -1140,6 +1178,158 @@ class _Guard:
 
         await self.app(scope, receive, relay)
 
+    async def _read_body(self, scope: dict[str, Any], receive: Any, send: Any) -> bytes | None:
+        """The request's body, or None once a 413 has been sent (by its declared length, or as it arrives)."""
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            length = int(declared) if declared is not None else None
+        except ValueError:
+            await _send_json(send, 400, {"detail": "The Content-Length header is not a number."})
+            return None
+        if length is not None and length > self.max_body:
+            await self._too_large(send, length)
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await self._too_large(send, None)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _too_large(self, send: Any, length: int | None) -> None:
+        size = f" is {length / 1e6:,.1f} MB;" if length is not None else " is too large:"
+        log.info("Refused a request body over %d bytes", self.max_body)
+        await _send_json(send, 413, {"detail": f"This request{size} the most this server accepts is "
+                                               f"{self.max_body / 1e6:,.1f} MB (send images as uploaded files)."})
+
+    async def _known_event(self, body: bytes, send: Any) -> bool:
+        """Whether a queue join names an event of the page; if not, a 404 with a sentence has been sent."""
+        import json
+
+        if self.blocks is None:
+            return True
+        try:
+            fn_index = json.loads(body).get("fn_index")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            return True  # gradio answers malformed bodies itself (422)
+        if fn_index is None or (isinstance(fn_index, int) and not isinstance(fn_index, bool)
+                                and fn_index in self.blocks.fns):
+            return True
+        shown = repr(fn_index) if len(repr(fn_index)) <= 40 else repr(fn_index)[:39] + "…"
+        await _send_json(send, 404, {"detail": f"There is no event {shown} in this app; reload the page to get "
+                                               "the current one."})
+        return False
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that hands over the already read ``body`` once, then the connection's own messages."""
+    sent = False
+
+    async def replayed() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # only http.disconnect can come now
+
+    return replayed
+
+
+class Sessions:
+    """Expires the gradio sessions no page keeps open.
+
+    gradio keeps a session's state (a copy of the page's configuration and every input value it was
+    sent) until its page's heartbeat stream closes, and then for an hour; a raw client that never opens
+    one (every ``/call`` request makes a new session) keeps its state until 10,000 sessions exist. Every
+    ``every`` seconds, the sessions that have no open heartbeat, no event waiting or running and were
+    last used over ``idle_s`` seconds ago are forgotten (a closed page's too: a reload starts a new one).
+    """
+
+    def __init__(self, *, idle_s: float = 60.0, every: float = 15.0) -> None:
+        self.idle_s = idle_s
+        self.every = every
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def connected(self, session: str) -> Iterator[None]:
+        """While a heartbeat stream of ``session`` is open."""
+        with self._lock:
+            self._open[session] = self._open.get(session, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._open.get(session, 1) - 1
+                if left > 0:
+                    self._open[session] = left
+                else:
+                    self._open.pop(session, None)
+
+    def start(self, demo: Any) -> None:
+        """Sweep ``demo``'s sessions in a daemon thread until :meth:`stop`."""
+        import weakref
+
+        if self._thread is not None:
+            return
+        ref = weakref.ref(demo)
+
+        def loop() -> None:
+            while not self._stop.wait(self.every):
+                current = ref()
+                if current is None:
+                    return
+                try:
+                    self.sweep(current)
+                except Exception:  # noqa: BLE001 - the next sweep tries again
+                    log.exception("Expiring idle sessions failed")
+                del current
+
+        self._thread = threading.Thread(target=loop, name="session-expiry", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def sweep(self, demo: Any) -> int:
+        """Forget the expired sessions now; returns how many."""
+        import datetime
+
+        holder = getattr(demo, "state_holder", None)
+        queue = getattr(demo, "_queue", None)
+        if holder is None:
+            return 0
+        now = datetime.datetime.now()
+        busy = set()
+        if queue is not None:
+            busy = {session for session, events in list(queue.pending_event_ids_session.items()) if events}
+            busy |= {event.session_hash for job in list(queue.active_jobs) if job for event in job}
+        with self._lock:
+            connected = set(self._open)
+        expired = 0
+        with holder.lock:
+            for session in list(holder.session_data):
+                used = holder.time_last_used.get(session)
+                if session in connected or session in busy:
+                    continue
+                if used is not None and (now - used).total_seconds() < self.idle_s:
+                    continue
+                holder.session_data.pop(session, None)
+                holder.time_last_used.pop(session, None)
+                expired += 1
+        if expired:
+            log.info("Expired %d idle session(s)", expired)
+        return expired
+
 
 async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
     import json
@@ -1150,6 +1340,17 @@ async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def request_body_limit(config: AppConfig) -> int:
+    """The largest request body accepted (uploads aside): a /chat call carrying the longest history kept.
+
+    That is MAX_HISTORY_TURNS turns of a full-length question and answer, plus room for the rest; the
+    page's own requests are a few kilobytes (images travel as uploads).
+    """
+    from .service import ANSWER_CHARS_FACTOR, MAX_HISTORY_TURNS
+
+    return 1024 * 1024 + MAX_HISTORY_TURNS * config.max_message_chars * (1 + ANSWER_CHARS_FACTOR)
+
+
 def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = False, quiet: bool = False) -> str:
     """Apply the image limits, configure the queue and serve ``demo``; returns the local URL.
 
@@ -1158,6 +1359,7 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
     from starlette.middleware import Middleware
 
     install_pillow_limits(config.image_limits)
+    sessions = Sessions()
     demo.queue(max_size=config.queue_size, default_concurrency_limit=CONCURRENCY, api_open=False)
     _, url, _ = demo.launch(
         server_name=config.host,
@@ -1168,7 +1370,8 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
         ssr_mode=False,
         mcp_server=False,
         enable_monitoring=False,  # gradio's default (None) serves /monitoring to anyone holding its key
-        app_kwargs={"middleware": [Middleware(_Guard)]},
+        app_kwargs={"middleware": [Middleware(_Guard, max_body=request_body_limit(config), blocks=demo,
+                                              sessions=sessions)]},
         run_history=False,  # would keep every image and chat in the browser's storage
         footer_links=["api", "gradio", "settings"],
         prevent_thread_lock=prevent_thread_lock,
@@ -1176,4 +1379,6 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
         theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="slate"),
         css=CSS,
     )
+    sessions.start(demo)  # sessions no page keeps open are forgotten after a minute
+    demo.blip_app_sessions = sessions  # type: ignore[attr-defined]
     return url

@@ -56,9 +56,8 @@ from .exports import (
 )
 from .images import ImageLimits, load_image
 from .manager import ModelState
-from .prompts import clean_text
 from .ratelimit import RateLimiter
-from .service import Service
+from .service import Service, clean_message
 from .settings import Limits, Preset, Task, resolve_settings
 from .ui import (
     _STOP,
@@ -75,6 +74,7 @@ from .ui import (
     client_key,
     inert,
     model_choices,
+    model_name,
     model_status,
     settings_panel,
     split_settings,
@@ -427,8 +427,8 @@ def add_extra_api(service: Service, config: AppConfig, limiter: RateLimiter) -> 
 
         try:
             limiter.check(client_key(request))
-            text = clean_text(text, what="text to score", max_chars=SEARCH_TEXT_CHARS)
-            return trust_score(service, model, decode(image), text).as_dict()
+            text = clean_message(text, what="text to score", max_chars=SEARCH_TEXT_CHARS)
+            return trust_score(service, model_name(model), decode(image), text).as_dict()
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
 
@@ -443,7 +443,7 @@ def add_extra_api(service: Service, config: AppConfig, limiter: RateLimiter) -> 
 
         try:
             limiter.check(client_key(request))
-            query = clean_text(query, what="search text", max_chars=SEARCH_TEXT_CHARS)
+            query = clean_message(query, what="search text", max_chars=SEARCH_TEXT_CHARS)
             items, _ = expand_uploads(images or [], image_limits, SEARCH_LIMIT)
             items = [item for item in items if not item.skipped]
 
@@ -455,7 +455,7 @@ def add_extra_api(service: Service, config: AppConfig, limiter: RateLimiter) -> 
                         raise BadImageError(f"{item.name}: {exc}") from None
                 return load
 
-            return [hit.as_dict() for hit in rank(service, model, [loader(item) for item in items], query,
+            return [hit.as_dict() for hit in rank(service, model_name(model), [loader(item) for item in items], query,
                                                    names=[item.name for item in items])]
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
@@ -477,12 +477,14 @@ def add_extra_api(service: Service, config: AppConfig, limiter: RateLimiter) -> 
             if image is not None:
                 items.append(decode(image))
                 names.append(uploaded_files(image)[0][1])
-            if text is not None and text.strip():
+            if text is not None:
+                text = clean_message(text, what="text to embed", max_chars=SEARCH_TEXT_CHARS, allow_empty=True)
+            if text:
                 items.append(text)
                 names.append(text)
             if not items:
                 raise BadInputError("Give an image, a text, or both to embed.")
-            return [e.as_dict(full=bool(full)) for e in features(service, model, items, names=names)]
+            return [e.as_dict(full=bool(full)) for e in features(service, model_name(model), items, names=names)]
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
 
@@ -660,7 +662,8 @@ class Extras:
             if path is None:
                 return keep
             self.limiter.check(client_key(request))
-            imported = conversation_from_json(Path(path))
+            # the limits and the cleaning of chat itself: what loads can be continued
+            imported = conversation_from_json(Path(path), max_chars=self.service.max_message_chars)
         except Exception as exc:  # noqa: BLE001
             _notify(exc)
             return keep
@@ -754,7 +757,7 @@ class Extras:
 
         try:
             self.limiter.check(client_key(request))
-            query = clean_text(query, what="search text", max_chars=SEARCH_TEXT_CHARS)
+            query = clean_message(query, what="search text", max_chars=SEARCH_TEXT_CHARS)
             items, notes = expand_uploads(files, self.image_limits, SEARCH_LIMIT)
             items = [item for item in items if not item.skipped]
             if not items:

@@ -91,13 +91,24 @@ def service(models: list[str]):
 
 
 def make_extras(service, models: list[str], *flags: str):
+    """An Extras on ``service``, its chat accordion built in a page of its own (as build_ui does)."""
+    import gradio as gr
+
     from blip_app.config import parse_config
     from blip_app.ratelimit import RateLimiter
+    from blip_app.settings import Task
+    from blip_app.ui import settings_panel
     from blip_app.ui_extra import Extras
 
     config = parse_config([flag for m in models for flag in ("--model", m)] +
                           ["--offline", "--trust-model", "none", *flags])
-    return Extras(service, config, RateLimiter(config.rate_limit_per_minute))
+    made = Extras(service, config, RateLimiter(config.rate_limit_per_minute))
+    with gr.Blocks():
+        chat = {"state": gr.State(), "chatbot": gr.Chatbot(), "note": gr.Markdown(),
+                "history_buttons": [gr.Button(), gr.Button(), gr.Button()],
+                "settings": settings_panel(Task.CHAT, service.limits).controls}
+        made.chat_files(chat, gr.Image(), gr.Dropdown(), gr.Markdown())
+    return made
 
 
 def refusals(recorded: list) -> list[str]:
@@ -284,13 +295,11 @@ def _export_file(service, model: str) -> dict:
 
 def test_every_model_and_upload_handler_counts_against_the_rate_limit(service, models: list[str],
                                                                       tiny_retrieval: str) -> None:
-    import gradio as gr
 
     from blip_app.config import parse_config
     from blip_app.images import ImageLimits
     from blip_app.ratelimit import RateLimiter
-    from blip_app.settings import Task
-    from blip_app.ui import Handlers, new_chat, settings_panel
+    from blip_app.ui import Handlers, new_chat
     from blip_app.ui_extra import Extras
 
     photo = upload("chelsea.jpg", (EXAMPLES / "chelsea.jpg").read_bytes())
@@ -307,13 +316,8 @@ def test_every_model_and_upload_handler_counts_against_the_rate_limit(service, m
     for name, call in calls.items():
         limiter = RateLimiter(60, burst=2)
         handlers = Handlers(service, ImageLimits(), limiter)
-        extras = Extras(service, config, limiter)
-        if name == "chat_import":
-            with gr.Blocks():
-                chat = {"state": gr.State(), "chatbot": gr.Chatbot(), "note": gr.Markdown(),
-                        "history_buttons": [gr.Button(), gr.Button(), gr.Button()],
-                        "settings": settings_panel(Task.CHAT, service.limits).controls}
-                extras.chat_files(chat, gr.Image(), gr.Dropdown(), gr.Markdown())
+        extras = make_extras(service, models)
+        extras.limiter = limiter
         attacker = _Session(f"attack-{name}", host="10.0.0.66")
         with pytest.warns(UserWarning) as recorded:
             for _ in range(3):
@@ -459,3 +463,230 @@ def test_the_export_buttons_download_a_file_built_on_the_click(models: list[str]
             made = _download_files() - written
             assert [path.suffix for path in made] == [suffix], made  # written by this click, not before
         assert page.errors == []
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. Import and chat: one set of limits and one cleaning
+
+
+def _conversation_file(service, model: str, turns: list[tuple[str, str]]) -> bytes:
+    from blip_app.exports import card_for, conversation_to_json
+    from blip_app.settings import GenerationSettings
+
+    card = card_for(service, model, GenerationSettings(), image_sha256="0" * 64)
+    return conversation_to_json(turns, card).encode()
+
+
+def test_import_refuses_what_chat_would_refuse_and_keeps_what_chat_takes(service, models: list[str]) -> None:
+    import json
+
+    from blip_app.service import ANSWER_CHARS_FACTOR
+    from blip_app.ui import new_chat
+
+    extras = make_extras(service, models)
+    limit = service.max_message_chars
+    imported = {}
+    for case, (question, answer) in {
+        "question at the limit": ("q" * limit, "a" * (limit * ANSWER_CHARS_FACTOR)),
+        "question over the limit": ("q" * (limit + 1), "fine"),
+        "answer over the limit": ("fine", "a" * (limit * ANSWER_CHARS_FACTOR + 1)),
+        "twenty thousand characters": ("q" * 20_000, "a" * 20_000),
+    }.items():
+        data = _conversation_file(service, models[0], [(question, answer)])
+        with pytest.warns(UserWarning) if "over" in case or "twenty" in case else _no_warning() as recorded:
+            out = extras.chat_import(upload("chat.json", data), new_chat("0" * 64), models[0], None, _Session())
+        imported[case] = (out, refusals(recorded or []))
+    out, messages = imported["question at the limit"]
+    assert messages == [] and len(out[1]["turns"]) == 1
+    for case in ("question over the limit", "twenty thousand characters"):
+        assert f"the limit is {limit:,}" in imported[case][1][0] and "turn 1" in imported[case][1][0], case
+    assert f"the limit is {limit * ANSWER_CHARS_FACTOR:,}" in imported["answer over the limit"][1][0]
+
+    # a lone surrogate (JSON can carry "\ud800") is refused with a sentence, by import and by chat alike
+    raw = _conversation_file(service, models[0], [("What is it?", "a cat")]).decode()
+    broken = raw.replace("What is it?", "What is \\ud83d it?")
+    assert "\\ud83d" in broken and json.loads(broken)["turns"][0]["question"] == "What is \ud83d it?"
+    with pytest.warns(UserWarning, match="broken character") as recorded:
+        out = extras.chat_import(upload("chat.json", broken.encode()), new_chat("0" * 64), models[0], None, _Session())
+    assert "turn 1" in refusals(recorded)[0] and "U+D83D" in refusals(recorded)[0]
+    from blip_app.errors import BadInputError
+    from blip_app.settings import Task
+
+    with pytest.raises(BadInputError, match="The message holds a broken character"):
+        service.request(Task.CHAT, question="hi \udc00", history=[])
+    with pytest.raises(BadInputError, match="earlier answer holds a broken character"):
+        service.request(Task.CHAT, question="hi", history=[["q", "a \ud800"]])
+
+
+class _no_warning:
+    def __enter__(self):
+        return []
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. Messages: their own sentence, the user's file name, plain text
+
+
+@pytest.fixture(scope="module")
+def api_app(models: list[str]):
+    from _server import running_app
+
+    with running_app(models[:1], "--trust-model", "none") as running:
+        yield running
+
+
+def _raw_call(app, api: str, data: list) -> tuple[str, str]:
+    """POST /call/<api> as a raw client would (json.dumps escapes a lone surrogate as \\udXXX), then read its result."""
+    import json
+
+    import httpx
+
+    with httpx.Client(base_url=app.url, timeout=30) as http:
+        body = json.dumps({"data": data}).encode()
+        event_id = http.post(f"/gradio_api/call/{api}", content=body,
+                             headers={"content-type": "application/json"}).json()["event_id"]
+        text = http.get(f"/gradio_api/call/{api}/{event_id}").text
+    kind = "error" if "event: error" in text else "complete"
+    payload = text.split("data:", 1)[1].strip() if "data:" in text else ""
+    return kind, payload
+
+
+def test_hostile_api_values_get_their_own_plain_sentence(api_app, models: list[str]) -> None:
+    import json
+
+    import httpx
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(api_app.url, verbose=False, download_files=False)
+    image = handle_file(str(EXAMPLES / "chelsea.jpg"))
+    generic = "Something went wrong"
+    with pytest.raises(AppError) as caught:
+        client.predict(image, 123, api_name="/caption")
+    assert "The model must be given by its name, as text" in str(caught.value) and "int 123" in str(caught.value)
+    with pytest.raises(AppError) as caught:
+        client.predict(image, "<b>x</b>", api_name="/caption")
+    assert "'<b>x</b>' is not offered" in str(caught.value) and "&lt;" not in str(caught.value)  # plain text
+    with pytest.raises(AppError) as caught:
+        client.predict(image, [5], "hi", models[0], api_name="/chat")
+    assert "Each history entry must be a [question, answer] pair." in str(caught.value)
+    client.close()
+
+    with httpx.Client(base_url=api_app.url, timeout=30) as http:
+        uploaded = http.post("/gradio_api/upload", files={"files": ("cat.jpg", (EXAMPLES / "chelsea.jpg").read_bytes(),
+                                                                    "image/jpeg")}).json()[0]
+    file = {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
+    kind, payload = _raw_call(api_app, "answer", [file, "What is \ud800 this?", models[0], "fast", *[None] * 8, False])
+    assert kind == "error" and generic not in payload
+    assert "The question holds a broken character (an unpaired UTF-16 surrogate, U+D800" in payload, payload
+    kind, payload = _raw_call(api_app, "chat", [file, [["fine", "a \udfff b"]], "hi", models[0], "fast", *[None] * 8])
+    assert kind == "error" and "earlier answer holds a broken character" in payload, payload
+
+    with httpx.Client(base_url=api_app.url, timeout=30) as http:
+        for fn_index in (9999, -5, "seven"):
+            reply = http.post("/gradio_api/queue/join", json={"data": [], "fn_index": fn_index, "session_hash": "x1"})
+            assert reply.status_code in (404, 422), (fn_index, reply.status_code, reply.text)
+            assert "no event" in reply.json()["detail"], reply.text
+        assert http.get("/gradio_api/info").status_code == 200  # still serving
+    json.dumps(payload)
+
+
+def test_a_refused_archive_is_named_as_the_user_named_it(service, models: list[str]) -> None:
+    extras = make_extras(service, models)
+    record = upload("holiday.zip", b"PK\x03\x04 this is not really a zip archive")
+    with pytest.warns(UserWarning) as recorded:
+        list(extras.run_batch([record], models[0], "short", _Session(), _no_progress, preset="fast"))
+    message = refusals(recorded)[0]
+    assert message.startswith("holiday.zip is not a readable zip archive"), message
+    assert record["path"] not in message and "/tmp" not in message and "gradio" not in message
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Request bodies are capped before they are read; sessions no page keeps open expire
+
+
+def _raw_http(url: str, head: str, body: bytes = b"", *, timeout: float = 5.0) -> tuple[int, str, float]:
+    """Send a request head (and maybe part of a body) on a raw socket; the status, body and seconds to answer."""
+    import socket
+
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head.encode() + body)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data or len(data) < data.find(b"\r\n\r\n") + 4 + 20:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            pass
+    seconds = time.monotonic() - started
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+    return status, data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace"), seconds
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_read(api_app) -> None:
+    from blip_app.config import parse_config
+    from blip_app.ui import request_body_limit
+
+    limit = request_body_limit(parse_config([]))
+    assert 5_000_000 < limit < 8_000_000  # a /chat call with the 500 longest turns kept fits
+    host = api_app.url.split("//")[1].rstrip("/")
+    # 36 MB announced, 1 KB sent: refused at once, nothing waits for the rest
+    head = (f"POST /gradio_api/call/chat HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {36 * 1024 * 1024}\r\n\r\n")
+    status, body, seconds = _raw_http(api_app.url, head, b'{"data": [' + b" " * 1024)
+    assert status == 413 and seconds < 2, (status, body, seconds)
+    assert "the most this server accepts is" in body
+    # no length announced (chunked): refused as soon as the cap is passed
+    chunk = b"x" * (1024 * 1024)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(limit // len(chunk) + 2))
+    head = (f"POST /gradio_api/queue/join HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n")
+    status, body, seconds = _raw_http(api_app.url, head, chunked, timeout=20)
+    assert status == 413, (status, body)
+    # a legitimate long history still goes through
+    import httpx
+
+    with httpx.Client(base_url=api_app.url, timeout=30) as http:
+        reply = http.post("/gradio_api/queue/join", json={"data": ["x" * 2_000_000], "fn_index": 0,
+                                                          "session_hash": "long-but-fine"})
+        assert reply.status_code == 200, reply.text
+
+
+def test_sessions_no_page_keeps_open_are_expired(api_app, models: list[str]) -> None:
+    """20 refused /chat calls of 1.2 MB, each in a new session, used to stay in memory (1,264 to 1,473 MB)."""
+    import httpx
+
+    demo = api_app.demo
+    sessions = demo.blip_app_sessions
+    history = [["q" * 1000, "a" * 1000]] * 600  # 1.2 MB, refused: more turns than any context holds
+    with httpx.Client(base_url=api_app.url, timeout=30) as http:
+        uploaded = http.post("/gradio_api/upload", files={"files": ("cat.jpg", (EXAMPLES / "chelsea.jpg").read_bytes(),
+                                                                    "image/jpeg")}).json()[0]
+        file = {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
+        stream = http.stream("GET", "/gradio_api/heartbeat/a-page-still-open")
+        heartbeat = stream.__enter__()  # a page that stays open keeps its session
+        try:
+            demo.state_holder["a-page-still-open"]
+            for _ in range(5):
+                data = [file, history, "", models[0], "fast", *[None] * 8]  # refused: the message is empty
+                event_id = http.post("/gradio_api/call/chat", json={"data": data}).json()["event_id"]
+                assert "message is empty" in http.get(f"/gradio_api/call/chat/{event_id}").text
+            assert len(demo.state_holder.session_data) >= 6
+            idle = sessions.idle_s
+            sessions.idle_s = 0.0
+            try:
+                time.sleep(0.1)
+                sessions.sweep(demo)
+            finally:
+                sessions.idle_s = idle
+            assert list(demo.state_holder.session_data) == ["a-page-still-open"]
+        finally:
+            heartbeat.close()
+            stream.__exit__(None, None, None)
