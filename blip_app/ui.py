@@ -342,17 +342,21 @@ def _session(request: gr.Request | None) -> str:
 def client_key(request: gr.Request | None) -> str:
     """Who is asking, for the rate limit: the logged-in user, else the client's address.
 
-    On a Space the app sits behind Hugging Face's proxy, which sets X-Forwarded-For; elsewhere that
-    header is ignored, since any client could write it.
+    Any client can write X-Forwarded-For, so only what a trusted proxy added counts. On a Space the app
+    sits behind Hugging Face's proxy, which appends the address it saw: the last entry (the ones before
+    it are whatever the client sent). Elsewhere the web server replaces the peer address from the header
+    only for the proxies given with ``--trusted-proxy`` (see :func:`launch`), so the peer address is used.
     """
     if request is None:
         return "anonymous"
     if getattr(request, "username", None):
         return f"user:{request.username}"
     if os.environ.get("SPACE_ID"):
-        forwarded = (request.headers or {}).get("x-forwarded-for", "")
-        if forwarded:
-            return forwarded.split(",")[0].strip()
+        headers = request.headers or {}
+        forwarded = headers.get("x-forwarded-for", "") if hasattr(headers, "get") else ""
+        entries = [entry.strip() for entry in forwarded.split(",") if entry.strip()]
+        if entries:
+            return entries[-1]
     client = getattr(request, "client", None)
     return getattr(client, "host", None) or "anonymous"
 
@@ -1359,6 +1363,9 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
     from starlette.middleware import Middleware
 
     install_pillow_limits(config.image_limits)
+    # uvicorn rewrites the client address from X-Forwarded-For for the peers this lists (by default
+    # loopback, so that any local client could forge its address): only the configured proxies.
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(config.trusted_proxies)
     sessions = Sessions()
     demo.queue(max_size=config.queue_size, default_concurrency_limit=CONCURRENCY, api_open=False)
     _, url, _ = demo.launch(

@@ -690,3 +690,51 @@ def test_sessions_no_page_keeps_open_are_expired(api_app, models: list[str]) -> 
         finally:
             heartbeat.close()
             stream.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Forwarded addresses: only from configured proxies, and on a Space only the platform's entry
+
+
+def _forged_calls(url: str, forwarded: list[str]) -> list[str]:
+    """One /answer call per forged X-Forwarded-For, with an empty question (the rate limit comes first, then
+    the service refuses it: no model runs); the event streams that came back."""
+    import httpx
+
+    results = []
+    with httpx.Client(base_url=url, timeout=30) as http:
+        uploaded = http.post("/gradio_api/upload", files={"files": ("cat.jpg", (EXAMPLES / "chelsea.jpg").read_bytes(),
+                                                                    "image/jpeg")}).json()[0]
+        file = {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
+        for address in forwarded:
+            headers = {"X-Forwarded-For": address}
+            event_id = http.post("/gradio_api/call/answer", json={"data": [file, "", "x", "fast", *[None] * 8, False]},
+                                 headers=headers).json()["event_id"]
+            results.append(http.get(f"/gradio_api/call/answer/{event_id}", headers=headers).text)
+    return results
+
+
+def test_a_forged_forwarded_address_does_not_escape_the_rate_limit(models: list[str]) -> None:
+    from _server import running_app
+
+    forged = [f"203.0.113.{n}" for n in range(1, 9)]
+    with running_app(models[:1], "--trust-model", "none", "--rate-limit", "6") as app:  # a burst of 2
+        results = _forged_calls(app.url, forged)
+    limited = [r for r in results if TOO_QUICK in r]
+    assert len(limited) >= 5, results  # one client on loopback, whatever the header says
+    with running_app(models[:1], "--trust-model", "none", "--rate-limit", "6", "--trusted-proxy", "127.0.0.1") as app:
+        results = _forged_calls(app.url, forged)  # behind a configured proxy: one allowance per forwarded client
+    assert not [r for r in results if TOO_QUICK in r], results
+
+
+def test_on_a_space_only_the_entry_the_platform_proxy_adds_counts(monkeypatch) -> None:
+    from blip_app.ui import client_key
+
+    monkeypatch.setenv("SPACE_ID", "someone/blip-app")
+    seen = SimpleNamespace(username=None, client=SimpleNamespace(host="10.16.0.2"))
+    keys = set()
+    for forged in ("1.1.1.1", "2.2.2.2, 3.3.3.3", ""):
+        request = SimpleNamespace(**vars(seen), headers={"x-forwarded-for": f"{forged}, 198.51.100.7".lstrip(", ")})
+        keys.add(client_key(request))
+    assert keys == {"198.51.100.7"}
+    assert client_key(SimpleNamespace(**vars(seen), headers={})) == "10.16.0.2"
