@@ -1141,11 +1141,12 @@ class _Guard:
     """
 
     def __init__(self, app: Any, *, max_body: int = 8 * 1024 * 1024, blocks: Any = None,
-                 sessions: "Sessions | None" = None) -> None:
+                 sessions: "Sessions | None" = None, logins: "LoginThrottle | None" = None) -> None:
         self.app = app
         self.max_body = max_body
         self.blocks = blocks
         self.sessions = sessions
+        self.logins = logins
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope.get("type") != "http":
@@ -1167,6 +1168,9 @@ class _Guard:
             if path.endswith("/queue/join") and not await self._known_event(body, send):
                 return
             receive = _replay(body, receive)
+            if path.rstrip("/").endswith("/login") and self.logins is not None:
+                await self._login(scope, receive, send)
+                return
         if not (path.endswith("/queue/join") or "/call/" in path):
             await self.app(scope, receive, send)
             return
@@ -1181,6 +1185,33 @@ class _Guard:
                 await send(message)
 
         await self.app(scope, receive, relay)
+
+    async def _login(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A login attempt, slowed down or refused after repeated failures from its address."""
+        import asyncio
+
+        key = _peer_key(scope)
+        delay = self.logins.begin(key)
+        if delay is None:
+            wait = max(1.0, self.logins.wait_s(key))
+            log.warning("Refused a login from %s: too many failures", key)
+            await _send_json(send, 429, {"detail": f"Too many failed logins from this address: please wait "
+                                                   f"{wait:.0f} s before trying again."})
+            return
+        status = 0
+
+        async def relay(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message.get("status", 0))
+            await send(message)
+
+        try:
+            if delay:
+                await asyncio.sleep(delay)
+            await self.app(scope, receive, relay)
+        finally:
+            self.logins.end(key, 200 <= status < 400)
 
     async def _read_body(self, scope: dict[str, Any], receive: Any, send: Any) -> bytes | None:
         """The request's body, or None once a 413 has been sent (by its declared length, or as it arrives)."""
@@ -1244,6 +1275,82 @@ def _replay(body: bytes, receive: Any) -> Any:
         return await receive()  # only http.disconnect can come now
 
     return replayed
+
+
+class LoginThrottle:
+    """Slows down, then refuses, repeated failed logins from one client address.
+
+    The first ``free`` failures cost nothing (people mistype); each later attempt waits ``0.25 * 2**k``
+    seconds (at most ``max_delay``) before it is checked; after ``lock_after`` failures the address is
+    refused for ``lockout_s`` seconds. Failures are forgotten ``window_s`` seconds after the last one, and
+    a successful login forgets them at once, so the real user is kept out for a minute at most, and only
+    at the address that was guessing. Attempts still being checked count as failures, so parallel
+    guesses gain nothing.
+    """
+
+    def __init__(self, *, free: int = 3, lock_after: int = 8, max_delay: float = 2.0, lockout_s: float = 60.0,
+                 window_s: float = 900.0, max_clients: int = 10_000) -> None:
+        self.free = free
+        self.lock_after = lock_after
+        self.max_delay = max_delay
+        self.lockout_s = lockout_s
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self._clients: dict[str, list[float]] = {}  # key -> [failures, in flight, last failure, locked until]
+        self._lock = threading.Lock()
+
+    def begin(self, key: str) -> float | None:
+        """Seconds to wait before checking this attempt, or None if the address is locked out."""
+        import time
+
+        now = time.monotonic()
+        with self._lock:
+            failures, flying, last, until = self._clients.get(key, [0, 0, 0.0, 0.0])
+            if failures and now - last > self.window_s:
+                failures = 0
+            if until > now:
+                return None
+            probe = until and not flying  # a lockout has ended: one try at a time, locked again if it fails
+            if failures + flying >= self.lock_after and not probe:
+                self._clients[key] = [failures, flying, last, now + self.lockout_s]
+                return None
+            self._clients[key] = [failures, flying + 1, last, until]
+            if len(self._clients) > self.max_clients:
+                self._clients.pop(next(iter(self._clients)))
+            over = failures + flying - self.free
+            return 0.0 if over < 0 else min(self.max_delay, 0.25 * 2 ** over)
+
+    def end(self, key: str, succeeded: bool) -> None:
+        """Record how an attempt that :meth:`begin` let through ended."""
+        import time
+
+        with self._lock:
+            failures, flying, last, until = self._clients.get(key, [0, 1, 0.0, 0.0])
+            if succeeded:
+                self._clients.pop(key, None)
+                return
+            failures += 1
+            until = time.monotonic() + self.lockout_s if failures >= self.lock_after else until
+            self._clients[key] = [failures, max(0, flying - 1), time.monotonic(), until]
+
+    def wait_s(self, key: str) -> float:
+        """Seconds left in ``key``'s lockout."""
+        import time
+
+        with self._lock:
+            return max(0.0, self._clients.get(key, [0, 0, 0.0, 0.0])[3] - time.monotonic())
+
+
+def _peer_key(scope: dict[str, Any]) -> str:
+    """The client address of a request, as :func:`client_key` finds it (for routes without a gr.Request)."""
+    if os.environ.get("SPACE_ID"):
+        forwarded = [value.decode("latin1") for name, value in scope.get("headers") or []
+                     if name == b"x-forwarded-for"]
+        entries = [entry.strip() for entry in ",".join(forwarded).split(",") if entry.strip()]
+        if entries:
+            return entries[-1]
+    client = scope.get("client")
+    return str(client[0]) if client else "anonymous"
 
 
 class Sessions:
@@ -1378,7 +1485,7 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
         mcp_server=False,
         enable_monitoring=False,  # gradio's default (None) serves /monitoring to anyone holding its key
         app_kwargs={"middleware": [Middleware(_Guard, max_body=request_body_limit(config), blocks=demo,
-                                              sessions=sessions)]},
+                                              sessions=sessions, logins=LoginThrottle())]},
         run_history=False,  # would keep every image and chat in the browser's storage
         footer_links=["api", "gradio", "settings"],
         prevent_thread_lock=prevent_thread_lock,

@@ -738,3 +738,49 @@ def test_on_a_space_only_the_entry_the_platform_proxy_adds_counts(monkeypatch) -
         keys.add(client_key(request))
     assert keys == {"198.51.100.7"}
     assert client_key(SimpleNamespace(**vars(seen), headers={})) == "10.16.0.2"
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Login: slowed down, then refused, per address; the real user is not locked out
+
+
+def test_repeated_failed_logins_are_slowed_then_refused_for_that_address_only(models: list[str]) -> None:
+    """50 wrong passwords took 0.87 s, all checked."""
+    import httpx
+    from _server import running_app
+
+    with running_app(models[:1], "--trust-model", "none", "--auth", "alice:s3cret-pass") as app:
+        started = time.monotonic()
+        statuses = []
+        with httpx.Client(base_url=app.url, timeout=30) as attacker:
+            for attempt in range(50):
+                reply = attacker.post("/login", data={"username": "alice", "password": f"guess-{attempt}"})
+                statuses.append(reply.status_code)
+            seconds = time.monotonic() - started
+            refused = attacker.post("/login", data={"username": "alice", "password": "guess-again"})
+        print(f"\n50 wrong passwords: {statuses.count(400)} checked, {statuses.count(429)} refused, {seconds:.1f} s")
+        assert statuses.count(400) <= 8 and statuses.count(429) >= 42
+        assert seconds >= 3  # the checked ones after the first three were slowed down
+        assert refused.status_code == 429 and "Too many failed logins" in refused.json()["detail"]
+        # the real user, elsewhere, is not affected
+        elsewhere = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=app.url, transport=elsewhere, timeout=30) as user:
+            started = time.monotonic()
+            assert user.post("/login", data={"username": "alice", "password": "s3cret-pass"}).status_code == 200
+            assert time.monotonic() - started < 2
+
+
+def test_a_lockout_is_short_and_a_success_forgets_the_failures() -> None:
+    from blip_app.ui import LoginThrottle
+
+    throttle = LoginThrottle(free=2, lock_after=4, max_delay=0.0, lockout_s=0.3)
+    for _ in range(4):
+        assert throttle.begin("a") is not None
+        throttle.end("a", False)
+    assert throttle.begin("a") is None and throttle.begin("b") == 0.0  # locked out, another address is not
+    time.sleep(0.35)
+    assert throttle.begin("a") is not None  # a minute at most (here 0.3 s), then another try
+    throttle.end("a", True)
+    assert throttle.begin("a") == 0.0  # the real user got in: the failures are forgotten
+    flying = LoginThrottle(free=1, lock_after=3, max_delay=0.0)
+    assert [flying.begin("c") is None for _ in range(4)] == [False, False, False, True]  # parallel guesses count
