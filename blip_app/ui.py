@@ -1138,15 +1138,19 @@ class _Guard:
       people, instead of gradio's "Queue is full. Max size is N and size is N.".
     - Open heartbeat streams are counted per session (:class:`Sessions`), so that sessions no page keeps
       open can be expired.
+    - Logins are slowed down, then refused, after repeated failures from one address (:class:`LoginThrottle`),
+      and uploads are rate-limited per address (:class:`Uploads`).
     """
 
     def __init__(self, app: Any, *, max_body: int = 8 * 1024 * 1024, blocks: Any = None,
-                 sessions: "Sessions | None" = None, logins: "LoginThrottle | None" = None) -> None:
+                 sessions: "Sessions | None" = None, logins: "LoginThrottle | None" = None,
+                 uploads: "Uploads | None" = None) -> None:
         self.app = app
         self.max_body = max_body
         self.blocks = blocks
         self.sessions = sessions
         self.logins = logins
+        self.uploads = uploads
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope.get("type") != "http":
@@ -1161,6 +1165,11 @@ class _Guard:
             with self.sessions.connected(session):
                 await self.app(scope, receive, send)
             return
+        if path.rstrip("/").endswith("/upload") and scope.get("method") == "POST" and self.uploads is not None:
+            refusal = self.uploads.check(_peer_key(scope))
+            if refusal is not None:
+                await _send_json(send, 429, {"detail": refusal})
+                return
         if scope.get("method") in ("POST", "PUT", "PATCH") and not path.rstrip("/").endswith("/upload"):
             body = await self._read_body(scope, receive, send)
             if body is None:
@@ -1353,6 +1362,71 @@ def _peer_key(scope: dict[str, Any]) -> str:
     return str(client[0]) if client else "anonymous"
 
 
+class Uploads:
+    """Uploads: a rate limit per client address, and the partial files of aborted uploads swept away.
+
+    gradio writes each upload to a temporary file directly in its upload folder and moves it into a
+    folder of its own once the body is complete; an upload cut off mid-body leaves its temporary file
+    behind, which nothing deletes. Such files (``tmp*`` directly in the folder) not written to for
+    ``idle_s`` seconds are deleted every ``every`` seconds, and all of them at shutdown (:meth:`close`).
+    """
+
+    def __init__(self, limiter: RateLimiter, *, folder: str | None = None, idle_s: float = 60.0,
+                 every: float = 30.0) -> None:
+        self.limiter = limiter
+        self.folder = Path(folder or get_upload_folder())
+        self.idle_s = idle_s
+        self.every = every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self, key: str) -> str | None:
+        """None if ``key`` may upload now, else the sentence refusing it."""
+        try:
+            self.limiter.check(key)
+        except BlipAppError as exc:
+            return str(exc)
+        return None
+
+    def sweep(self, idle_s: float | None = None) -> int:
+        """Delete the partial uploads not written to for ``idle_s`` seconds (default: the configured time)."""
+        import time
+
+        idle = self.idle_s if idle_s is None else idle_s
+        removed = 0
+        now = time.time()
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return 0
+        for entry in entries:
+            try:
+                if (entry.name.startswith("tmp") and entry.is_file(follow_symlinks=False)
+                        and now - entry.stat(follow_symlinks=False).st_mtime >= idle):
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue
+        if removed:
+            log.info("Deleted %d partial upload(s)", removed)
+        return removed
+
+    def start(self) -> None:
+        """Sweep in a daemon thread until :meth:`close`."""
+        if self._thread is None:
+            def loop() -> None:
+                while not self._stop.wait(self.every):
+                    self.sweep()
+
+            self._thread = threading.Thread(target=loop, name="upload-sweeper", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop sweeping and delete every partial upload (at shutdown)."""
+        self._stop.set()
+        self.sweep(idle_s=0.0)
+
+
 class Sessions:
     """Expires the gradio sessions no page keeps open.
 
@@ -1474,6 +1548,7 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
     # loopback, so that any local client could forge its address): only the configured proxies.
     os.environ["FORWARDED_ALLOW_IPS"] = ",".join(config.trusted_proxies)
     sessions = Sessions()
+    uploads = Uploads(uploads_limiter(config.rate_limit_per_minute))
     demo.queue(max_size=config.queue_size, default_concurrency_limit=CONCURRENCY, api_open=False)
     _, url, _ = demo.launch(
         server_name=config.host,
@@ -1485,7 +1560,7 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
         mcp_server=False,
         enable_monitoring=False,  # gradio's default (None) serves /monitoring to anyone holding its key
         app_kwargs={"middleware": [Middleware(_Guard, max_body=request_body_limit(config), blocks=demo,
-                                              sessions=sessions, logins=LoginThrottle())]},
+                                              sessions=sessions, logins=LoginThrottle(), uploads=uploads)]},
         run_history=False,  # would keep every image and chat in the browser's storage
         footer_links=["api", "gradio", "settings"],
         prevent_thread_lock=prevent_thread_lock,
@@ -1494,5 +1569,25 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
         css=CSS,
     )
     sessions.start(demo)  # sessions no page keeps open are forgotten after a minute
+    uploads.start()
     demo.blip_app_sessions = sessions  # type: ignore[attr-defined]
+    demo.blip_app_uploads = uploads  # type: ignore[attr-defined]
+    _clean_at_exit(uploads.close, sessions.stop)
     return url
+
+
+def uploads_limiter(per_minute: int) -> RateLimiter:
+    """Uploads one address may send: twice the request rate, in bursts of 20 or more (a Batch of photos
+    arrives in one request; every image shown in the page is one upload); none if requests have no limit."""
+    if per_minute <= 0:
+        return RateLimiter(0)
+    return RateLimiter(2 * per_minute, burst=max(20, per_minute),
+                       message="You are uploading files too quickly; please wait {wait:.0f} s and try again.")
+
+
+def _clean_at_exit(*steps: Any) -> None:
+    """Run ``steps`` when the process exits (normally, by Ctrl-C, or by SIGTERM: see app.main)."""
+    import atexit
+
+    for step in steps:
+        atexit.register(step)

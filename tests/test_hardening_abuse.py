@@ -784,3 +784,101 @@ def test_a_lockout_is_short_and_a_success_forgets_the_failures() -> None:
     assert throttle.begin("a") == 0.0  # the real user got in: the failures are forgotten
     flying = LoginThrottle(free=1, lock_after=3, max_delay=0.0)
     assert [flying.begin("c") is None for _ in range(4)] == [False, False, False, True]  # parallel guesses count
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Uploads: aborted ones swept, a rate limit per address, the temp folders cleaned at shutdown
+
+
+def _aborted_upload(url: str, sent: int = 1024 * 1024, announced: int = 19 * 1024 * 1024) -> None:
+    """Start a multipart upload of ``announced`` bytes, send ``sent`` of them and hang up."""
+    import socket
+
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    boundary = "blipappboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall((f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                      f"Content-Length: {announced}\r\n\r\n").encode() + head + os.urandom(sent))
+        time.sleep(0.3)
+
+
+def _partials(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.startswith("tmp") and p.is_file()]
+
+
+def test_aborted_uploads_are_swept_and_uploads_are_rate_limited(models: list[str], tmp_path: Path,
+                                                                monkeypatch) -> None:
+    import httpx
+    from _server import running_app
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    with running_app(models[:1], "--trust-model", "none", "--rate-limit", "6") as app:
+        folder = tmp_path / "gradio"
+        for _ in range(3):
+            _aborted_upload(app.url)
+        assert wait_until(lambda: len(_partials(folder)) == 3, timeout=10), list(folder.iterdir())
+        print(f"\n3 aborted uploads left {sum(p.stat().st_size for p in _partials(folder)) / 1e6:.1f} MB")
+        uploads = app.demo.blip_app_uploads
+        assert uploads.sweep() == 0  # fresh partials may still be arriving: left alone for a minute
+        time.sleep(0.6)
+        assert uploads.sweep(idle_s=0.5) == 3 and _partials(folder) == []
+        statuses = []
+        with httpx.Client(base_url=app.url, timeout=30) as http:
+            for number in range(30):
+                reply = http.post("/gradio_api/upload", files={"files": (f"p{number}.png", noise_png(number),
+                                                                         "image/png")})
+                statuses.append(reply.status_code)
+            refused = http.post("/gradio_api/upload", files={"files": ("p.png", noise_png(99), "image/png")})
+        assert statuses[:15] == [200] * 15 and statuses.count(429) >= 8, statuses  # burst 20, aborted ones too
+        assert refused.status_code == 429 and "uploading files too quickly" in refused.json()["detail"]
+
+
+def test_sigterm_cleans_the_apps_temp_folders(models: list[str], tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    import httpx
+    from _server import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    folder = tmp_path / "gradio"
+    port = free_port()
+    downloads_before = set(Path(tempfile.gettempdir()).glob("blip_app-downloads-*"))
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(folder), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, str(root / "app.py"), "--model", models[0], "--offline",
+                               "--trust-model", "none", "--port", str(port), "--rate-limit", "0"],
+                              cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _answers(url), timeout=90, every=0.5), "the app did not start"
+        with httpx.Client(base_url=url, timeout=30) as http:
+            uploaded = http.post("/gradio_api/upload", files={"files": ("cat.png", noise_png(5), "image/png")})
+            assert uploaded.status_code == 200
+        _aborted_upload(url)
+        assert wait_until(lambda: len(_partials(folder)) == 1, timeout=10)
+        assert Path(uploaded.json()[0]).exists()
+        mine = set(Path(tempfile.gettempdir()).glob("blip_app-downloads-*")) - downloads_before
+        assert mine  # the app's own folder for downloads
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert code == 0, server.stderr.read()[-2000:]
+    assert _partials(folder) == [] and not Path(uploaded.json()[0]).exists()
+    assert not [path for path in mine if path.exists()]
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/gradio_api/info", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
