@@ -1434,7 +1434,8 @@ class Sessions:
     sent) until its page's heartbeat stream closes, and then for an hour; a raw client that never opens
     one (every ``/call`` request makes a new session) keeps its state until 10,000 sessions exist. Every
     ``every`` seconds, the sessions that have no open heartbeat, no event waiting or running and were
-    last used over ``idle_s`` seconds ago are forgotten (a closed page's too: a reload starts a new one).
+    last used over ``idle_s`` seconds ago are forgotten (a closed page's too: a reload starts a new one),
+    with the ids of results their client never came to read.
     """
 
     def __init__(self, *, idle_s: float = 60.0, every: float = 15.0) -> None:
@@ -1495,8 +1496,8 @@ class Sessions:
             return 0
         now = datetime.datetime.now()
         busy = set()
-        if queue is not None:
-            busy = {session for session, events in list(queue.pending_event_ids_session.items()) if events}
+        if queue is not None:  # an event waiting or running (a finished one stays "pending" until its stream is read)
+            busy = {event.session_hash for event in list(queue.event_ids_to_events.values())}
             busy |= {event.session_hash for job in list(queue.active_jobs) if job for event in job}
         with self._lock:
             connected = set(self._open)
@@ -1510,6 +1511,8 @@ class Sessions:
                     continue
                 holder.session_data.pop(session, None)
                 holder.time_last_used.pop(session, None)
+                if queue is not None:  # results nobody came to read
+                    queue.pending_event_ids_session.pop(session, None)
                 expired += 1
         if expired:
             log.info("Expired %d idle session(s)", expired)

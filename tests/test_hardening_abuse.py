@@ -678,7 +678,7 @@ def test_sessions_no_page_keeps_open_are_expired(api_app, models: list[str]) -> 
                 data = [file, history, "", models[0], "fast", *[None] * 8]  # refused: the message is empty
                 event_id = http.post("/gradio_api/call/chat", json={"data": data}).json()["event_id"]
                 assert "message is empty" in http.get(f"/gradio_api/call/chat/{event_id}").text
-            assert len(demo.state_holder.session_data) >= 6
+            assert len(demo.state_holder.session_data) >= 6  # the page's, and one per call
             idle = sessions.idle_s
             sessions.idle_s = 0.0
             try:
@@ -686,7 +686,9 @@ def test_sessions_no_page_keeps_open_are_expired(api_app, models: list[str]) -> 
                 sessions.sweep(demo)
             finally:
                 sessions.idle_s = idle
-            assert list(demo.state_holder.session_data) == ["a-page-still-open"]
+            left = set(demo.state_holder.session_data)
+            assert "a-page-still-open" in left and left <= set(sessions._open), (left, sessions._open)
+            assert len(left) <= 2  # the open page, and perhaps an earlier test's client whose stream is closing
         finally:
             heartbeat.close()
             stream.__exit__(None, None, None)
