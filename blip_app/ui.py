@@ -1170,6 +1170,13 @@ class _Guard:
             if refusal is not None:
                 await _send_json(send, 429, {"detail": refusal})
                 return
+            from starlette.requests import ClientDisconnect
+
+            try:
+                await self.app(scope, receive, send)
+            except ClientDisconnect:  # gradio would log a traceback for each; its partial file is swept later
+                log.info("An upload was cut off mid-body by %s", _peer_key(scope))
+            return
         if scope.get("method") in ("POST", "PUT", "PATCH") and not path.rstrip("/").endswith("/upload"):
             body = await self._read_body(scope, receive, send)
             if body is None:
