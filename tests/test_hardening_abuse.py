@@ -447,15 +447,16 @@ def test_the_export_buttons_download_a_file_built_on_the_click(models: list[str]
         page.locator("#message textarea").fill("What is <b>it</b>?")
         page.locator("#send").click()
         page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=bot]').length >= 1 && "
-                               "!document.querySelector('#chatbot').innerText.includes('thinking')")
+                               "!document.querySelector('#chatbot').innerText.includes('thinking')",
+                               timeout=120_000)  # the first answer loads the model: slow on a busy machine
         page.wait_for_timeout(1000)  # whatever the chat change writes has been written by now
         page.locator("#chat-files").click()
         for button, suffix, needle in (("#chat-export-md", ".md", "What is \\<b\\>it\\</b\\>?"),
                                        ("#chat-export-json", ".json", '"question": "What is <b>it</b>?"')):
             page.locator(button).wait_for(state="visible")
-            page.wait_for_function(f"() => !document.querySelector('{button}').disabled")
+            page.wait_for_function(f"() => !document.querySelector('{button}').disabled", timeout=60_000)
             written = _download_files()
-            with page.expect_download() as caught:
+            with page.expect_download(timeout=60_000) as caught:
                 page.locator(button).click()
             download = caught.value
             assert download.suggested_filename.endswith(suffix)
