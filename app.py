@@ -53,8 +53,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.preload:
         log.info("Preloading %s", config.default_model)
         log.info(service.load(config.default_model))
+    _stop_on_sigterm()
     ui.launch(demo, config)
     return 0
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (how Spaces, containers and systemd stop a process) shuts down like Ctrl-C.
+
+    Python's default would end the process at once: gradio would not close its server, so neither its
+    cache of uploads (``delete_cache``) nor the app's own temporary files (downloads, partial uploads,
+    deleted at exit) would be cleaned up.
+    """
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ A flag wins over its variable.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class AppConfig:
     trust_model: str | None = DEFAULT_TRUST_MODEL
     trust: bool = True  # score every caption and answer in the Caption and Ask tabs
     max_batch_images: int = 100  # images one Batch run in the page may caption
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client; none: the peer is the client
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def offered_models(self) -> tuple[str, ...]:
@@ -102,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "/trust endpoint) [BLIP_APP_TRUST]")
     parser.add_argument("--max-batch-images", type=int,
                         help="images one Batch run in the page may caption (default 100) [BLIP_APP_MAX_BATCH_IMAGES]")
+    parser.add_argument("--trusted-proxy", action="append", dest="trusted_proxies", metavar="ADDRESS",
+                        help="a reverse proxy in front of the app (IP address or network, repeatable) whose "
+                             "X-Forwarded-For header names the client, for the rate limit; by default the header "
+                             "is ignored (on Spaces, the entry the platform's proxy adds is used) "
+                             "[BLIP_APP_TRUSTED_PROXIES, comma-separated]")
     return parser
 
 
@@ -156,6 +164,13 @@ def parse_config(argv: Sequence[str] | None = None) -> AppConfig:
     max_batch_images = int(_flag(args.max_batch_images, "MAX_BATCH_IMAGES", 100))
     if max_batch_images < 1:
         parser.error("--max-batch-images must be at least 1")
+    proxies = args.trusted_proxies or [p for p in (_env("TRUSTED_PROXIES") or "").split(",") if p.strip()]
+    trusted_proxies = []
+    for proxy in proxies:
+        try:
+            trusted_proxies.append(str(ipaddress.ip_network(proxy.strip(), strict=False)))
+        except ValueError:
+            parser.error(f"--trusted-proxy {proxy.strip()!r} is not an IP address or network (such as 10.0.0.0/8)")
     port = _flag(args.port, "PORT", os.environ.get("GRADIO_SERVER_PORT", "7860"))
     max_upload_mb = float(_flag(args.max_upload_mb, "MAX_UPLOAD_MB", 20.0))
     return AppConfig(
@@ -179,6 +194,7 @@ def parse_config(argv: Sequence[str] | None = None) -> AppConfig:
         trust_model=trust_model,
         trust=trust_model is not None and (trust == "on" or _truthy(trust)),
         max_batch_images=max_batch_images,
+        trusted_proxies=tuple(trusted_proxies),
     )
 
 

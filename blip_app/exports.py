@@ -34,7 +34,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BadInputError, SettingsError
-from .prompts import Turn, clean_text
+from .prompts import Turn
 from .settings import SETTING_NAMES, GenerationSettings, Limits, Preset, Task, resolve_settings
 
 FORMAT = "blip_app.conversation"
@@ -42,7 +42,9 @@ VERSION = 1
 
 MAX_IMPORT_BYTES = 2 * 1024 * 1024
 MAX_IMPORT_TURNS = 500
-MAX_IMPORT_CHARS = 20_000  # per question or answer
+# Per question, as in chat (AppConfig.max_message_chars; the app passes its own); an answer may be
+# service.ANSWER_CHARS_FACTOR times longer, as in chat.
+MAX_IMPORT_CHARS = 2000
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -224,7 +226,7 @@ def save_text(text: str, filename: str, directory: str | Path | None = None) -> 
     folder = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="blip_app-"))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / safe
-    path.write_text(text, encoding="utf-8")
+    path.write_text(text, encoding="utf-8", newline="")  # the text chooses its line endings (CSV: CRLF)
     return path
 
 
@@ -274,8 +276,12 @@ def conversation_from_json(data: str | bytes | Path | Any, *, max_bytes: int = M
     ``data`` is the JSON text, its bytes, a binary stream, a Path, or a str naming an existing file
     (as gr.File hands uploads over). Refused: more than ``max_bytes``, not UTF-8 JSON, another format
     or a newer version, a card without model or settings, settings out of range, a bad image hash,
-    more than ``max_turns`` turns, a question or answer over ``max_chars`` characters.
+    more than ``max_turns`` turns, a turn that chat would refuse (a question over ``max_chars``
+    characters, an answer over ``max_chars`` times service.ANSWER_CHARS_FACTOR, a broken character):
+    the turns are cleaned and limited by the very function that cleans a chat's earlier turns.
     """
+    from .service import clean_turn  # imports no torch
+
     raw = _read(data, max_bytes)
     try:
         text = raw.decode("utf-8-sig")
@@ -317,11 +323,10 @@ def conversation_from_json(data: str | bytes | Path | Any, *, max_bytes: int = M
         if not isinstance(turn, dict):
             raise _refuse(f"turn {number} is not an object with a question and an answer.")
         try:
-            question = clean_text(turn.get("question"), what=f"question of turn {number}", max_chars=max_chars)
-            answer = clean_text(turn.get("answer"), what=f"answer of turn {number}", max_chars=max_chars,
-                                allow_empty=True)
+            cleaned = clean_turn(turn.get("question"), turn.get("answer"), max_chars=max_chars, number=number)
         except BadInputError as exc:
             raise _refuse(str(exc)) from None
+        question, answer = cleaned.question, cleaned.answer
         score = turn.get("trust")
         if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
                                   or not 0.0 <= score <= 1.0):
@@ -388,7 +393,10 @@ def _imported_settings(settings: Any) -> dict[str, Any]:
 # Batch caption results.
 
 BATCH_COLUMNS = ("file", "caption", "model", *SETTING_NAMES, "seconds", "error")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# OWASP's list of characters a spreadsheet may read as the start of a formula: at the start of a cell,
+# and after every line break inside one (an importer may split a cell's lines into rows or cells).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
+_FORMULA_AFTER_BREAK = re.compile(r"(?<=[\r\n])(?=[=+\-@\t])")
 
 
 def batch_rows(results: Iterable[Any]) -> list[dict[str, Any]]:
@@ -403,18 +411,24 @@ def batch_rows(results: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def _csv_cell(value: Any) -> Any:
-    """Text that a spreadsheet would run as a formula gets a leading quote; numbers are left as numbers."""
+    """Text a spreadsheet could run as a formula gets a leading quote, on every line; numbers stay numbers."""
     if value is None:
         return ""
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    return value
+    if not isinstance(value, str):
+        return value
+    value = _FORMULA_AFTER_BREAK.sub("'", value)
+    return "'" + value if value.startswith(_FORMULA_START) else value
 
 
 def batch_to_csv(results: Iterable[Any]) -> str:
-    """Batch results as CSV with a header row; cells starting with = + - @ (or tab / CR) are quoted with '."""
+    """Batch results as CSV (RFC 4180) with a header row; no cell can start a formula.
+
+    Every field that holds a line break, a bare carriage return included, is quoted (the csv module
+    quotes the characters of its line terminator, hence CRLF), and a line of a cell that starts with
+    = + - @ or a tab (or a cell that starts with a line break) gets a leading '.
+    """
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=BATCH_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=BATCH_COLUMNS, lineterminator="\r\n")
     writer.writeheader()
     for row in batch_rows(results):
         writer.writerow({key: _csv_cell(value) for key, value in row.items()})

@@ -8,14 +8,21 @@ from collections import OrderedDict
 
 from .errors import RateLimitedError
 
+TOO_QUICK = "You are sending requests too quickly; please wait {wait:.0f} s and try again."
+
 
 class RateLimiter:
-    """Allows ``per_minute`` requests a minute per client, in bursts of up to ``burst``."""
+    """Allows ``per_minute`` requests a minute per client, in bursts of up to ``burst``.
 
-    def __init__(self, per_minute: int, *, burst: int | None = None, max_clients: int = 10_000) -> None:
+    ``message`` is the refusal's sentence; ``{wait}`` is replaced by the seconds to wait.
+    """
+
+    def __init__(self, per_minute: int, *, burst: int | None = None, max_clients: int = 10_000,
+                 message: str = TOO_QUICK) -> None:
         self.rate = per_minute / 60.0
         self.burst = float(burst if burst is not None else max(1, per_minute // 3))
         self.max_clients = max_clients
+        self.message = message
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, last time)
         self._lock = threading.Lock()
 
@@ -31,7 +38,7 @@ class RateLimiter:
             if tokens < 1.0:
                 self._buckets[key] = (tokens, now)
                 wait = (1.0 - tokens) / self.rate
-                raise RateLimitedError(f"You are sending requests too quickly; please wait {wait:.0f} s and try again.")
+                raise RateLimitedError(self.message.format(wait=max(1.0, wait)))
             self._buckets[key] = (tokens - 1.0, now)
             while len(self._buckets) > self.max_clients:
                 self._buckets.popitem(last=False)

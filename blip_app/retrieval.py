@@ -679,19 +679,33 @@ def trust_score(service: Any, model: str, image: Any, text: str) -> Trust:
 
 def search(service: Any, model: str, images: Sequence[Any], query: str, *,
            names: Sequence[str] | None = None) -> list[SearchHit]:
-    """Rank images by how well they match ``query`` (ITM probability, best first); images may be files or PIL."""
+    """Rank images by how well they match ``query`` (ITM probability, best first).
+
+    ``images`` are files, PIL images, or functions that decode one. They are decoded one at a time, each
+    when its turn comes, and let go once its features are computed (the features are what the model
+    keeps): a hundred 40-megapixel photos never sit in memory together. A function that returns None
+    leaves its image out of the ranking (the caller has noted why).
+    """
     if not images:
         raise BadInputError("Add some images to search first.")
     if len(images) > MAX_SEARCH_IMAGES:
         raise BadInputError(f"{len(images)} images were given; search takes at most {MAX_SEARCH_IMAGES} at once.")
     query = clean_text(query, what="search text", max_chars=MAX_TEXT_CHARS)
     names = list(names) if names is not None else [_name(image, i) for i, image in enumerate(images)]
-    decoded = [_image(image) for image in images]
+    ranked: list[tuple[int, float, float]] = []
     with _manager(service).use(model) as loaded:
         retrieval = _retrieval(loaded, model)
-        ranked = retrieval.rank(decoded, query, method="itm")
-        similarity = retrieval.itc_matrix(decoded, [query])[:, 0].tolist()
-    return [SearchHit(i, names[i], score, confidence_label(score), similarity[i]) for i, score in ranked]
+        for index, source in enumerate(images):
+            picture = source() if callable(source) else source
+            if picture is None:
+                continue
+            picture = _image(picture)
+            score = retrieval.itm_scores([picture], [query])[0]
+            similarity = float(retrieval.itc_matrix([picture], [query])[0, 0])
+            del picture  # only its features (in the model's cache) outlive this step
+            ranked.append((index, score, similarity))
+    ranked.sort(key=lambda hit: (-hit[1], hit[0]))
+    return [SearchHit(i, names[i], score, confidence_label(score), similarity) for i, score, similarity in ranked]
 
 
 def _name(source: Any, index: int) -> str:

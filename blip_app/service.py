@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from .devices import LoadOptions
-from .errors import BadImageError
+from .errors import BadImageError, BadInputError
 from .manager import ModelManager, ModelState
 from .prompts import Turn, clean_text
 from .settings import Limits, Preset, Task, resolve_settings
@@ -25,6 +26,34 @@ from .settings import Limits, Preset, Task, resolve_settings
 # A conversation's turns kept at most: more than any context holds (a formatted turn takes at least
 # about 7 tokens, and the largest context 2,048).
 MAX_HISTORY_TURNS = 500
+# An earlier answer may be this many times as long as a message (the model writes more than people type).
+ANSWER_CHARS_FACTOR = 4
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_message(text: Any, *, what: str, max_chars: int, allow_empty: bool = False) -> str:
+    """The one cleaning of text people send: chat messages and questions, earlier turns, imported turns.
+
+    :func:`prompts.clean_text` (type, length, NFC, control characters, spaces), after refusing a lone
+    UTF-16 surrogate: JSON can carry one (``"\\ud800"``) but no tokenizer, encoder or page can use it,
+    so it would break this request and every later one that carries the conversation.
+    """
+    if isinstance(text, str) and len(text) <= max_chars * 4 + 1024:  # longer: clean_text refuses it at once
+        found = _SURROGATE.search(text)
+        if found is not None:
+            raise BadInputError(f"The {what} holds a broken character (an unpaired UTF-16 surrogate, "
+                                f"U+{ord(found.group()):04X}, at character {found.start() + 1:,}); "
+                                "please remove it or retype the text.")
+    return clean_text(text, what=what, max_chars=max_chars, allow_empty=allow_empty)
+
+
+def clean_turn(question: Any, answer: Any, *, max_chars: int, number: int | None = None) -> Turn:
+    """An earlier turn of a conversation, cleaned and limited as chat limits it (``number``: named in errors)."""
+    which = f" of turn {number}" if number is not None else ""
+    return Turn(clean_message(question, what=f"earlier question{which}", max_chars=max_chars),
+                clean_message(answer or "", what=f"earlier answer{which}", max_chars=max_chars * ANSWER_CHARS_FACTOR,
+                              allow_empty=True))
 
 # The cancel event of the request this thread is serving, for callers that cannot pass one down (the
 # API functions, whose client may cancel or go away: see ui._stops_when_abandoned).
@@ -89,11 +118,9 @@ class Service:
     ) -> dict[str, Any]:
         """Validate everything that can be checked without a model; return the arguments for the engine."""
         if task is not Task.CAPTION:
-            question = clean_text(question, what="question" if task is Task.ANSWER else "message",
-                                  max_chars=self.max_message_chars)
+            question = clean_message(question, what="question" if task is Task.ANSWER else "message",
+                                     max_chars=self.max_message_chars)
         if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
-            from .errors import BadInputError
-
             raise BadInputError("The history must be a list of [question, answer] pairs.")
         # Turns older than the newest MAX_HISTORY_TURNS can never fit a context; they are neither
         # cleaned nor tokenised (a client could send 200,000 of them), and count as dropped.
@@ -112,8 +139,6 @@ class Service:
 
     def _prepare(self, loaded: Any, request: Mapping[str, Any]):
         if not hasattr(loaded, "prepare"):
-            from .errors import BadInputError
-
             raise BadInputError(f"{loaded.name} is an image-text matching model: it gives trust scores and "
                                 "search, not captions or answers. Choose a captioning model.")
         settings = self.settings_for(loaded, request)
@@ -175,13 +200,10 @@ def _turn(item: Turn | Sequence[str], max_chars: int) -> Turn:
     if isinstance(item, Turn):
         question, answer = item.question, item.answer
     else:
-        if isinstance(item, (str, bytes)) or len(item) != 2:
-            from .errors import BadInputError
-
+        if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
             raise BadInputError("Each history entry must be a [question, answer] pair.")
         question, answer = item
-    return Turn(clean_text(question, what="earlier question", max_chars=max_chars),
-                clean_text(answer or "", what="earlier answer", max_chars=max_chars * 4, allow_empty=True))
+    return clean_turn(question, answer, max_chars=max_chars)
 
 
 def _checked(image: Any) -> Image.Image:

@@ -24,6 +24,7 @@ Type hints here are evaluated at run time by gradio (``gr.api`` reads the return
 resolving strings), so this module does not use ``from __future__ import annotations``.
 """
 
+import contextlib
 import html
 import logging
 import os
@@ -43,7 +44,7 @@ from gradio.data_classes import FileData  # noqa: E402
 from gradio.utils import get_upload_folder, is_in_or_equal  # noqa: E402
 
 from .config import AppConfig  # noqa: E402
-from .errors import BadImageError, BlipAppError, CancelledError, user_message  # noqa: E402
+from .errors import BadImageError, BadInputError, BlipAppError, CancelledError, user_message  # noqa: E402
 from .images import ImageLimits, image_digest, install_pillow_limits, load_image  # noqa: E402
 from .manager import ModelState  # noqa: E402
 from .ratelimit import RateLimiter  # noqa: E402
@@ -78,6 +79,16 @@ EMPTY_PROMPT = "(empty: the model sees only the image tokens)"
 PRIVATE: dict[str, Any] = {"api_visibility": "private"}
 # Handlers that only reshuffle session data: never queued behind generations.
 LIGHT: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
+# Handlers that decode an upload (an image of up to 40 megapixels: 120 MB decoded; a conversation file) but
+# run no model: a few at a time across the whole server, so that a burst of uploads queues instead of
+# decoding all at once.
+DECODE: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": CONCURRENCY, "concurrency_id": "decode",
+                          "show_progress": "hidden"}
+# Model loads one client may start: at real size each reads gigabytes and may evict someone else's model.
+LOADS_PER_MINUTE_SHARE = 6  # a sixth of the request rate
+LOAD_BURST = 3
+LOAD_MESSAGE = ("Models are being switched too often from here: each switch loads gigabytes. Please wait {wait:.0f} s "
+                "before loading another model.")
 
 CSS = """
 .gradio-container { width: 100% !important; max-width: 1240px !important; margin: 0 auto !important; }
@@ -140,12 +151,28 @@ def _notify(exc: BaseException) -> None:
 
 
 def _api_error(exc: BaseException) -> gr.Error:
-    """The gr.Error that carries an exception's sentence to an API client."""
+    """The gr.Error that carries an exception's sentence to an API client, as plain text.
+
+    API endpoints are called by scripts (gradio_client, HTTP), never rendered by the page: the sentence
+    is sent as written (``<`` stays ``<``); the page's toasts escape theirs (:func:`_toast_text`).
+    """
     if isinstance(exc, BlipAppError):
         log.info("API request refused: %s", exc)
     else:
         log.exception("Unexpected error in an API endpoint")
-    return gr.Error(_toast_text(user_message(exc)), print_exception=False)
+    return gr.Error(user_message(exc), print_exception=False)
+
+
+def model_name(value: Any) -> str:
+    """The model an API call names, or a BadInputError saying what came instead of a name."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, str):
+        raise BadInputError("The model name is empty; give one of the names that /models lists.")
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:39] + "…"
+    raise BadInputError(f"The model must be given by its name, as text (one of the names /models lists), "
+                        f"not {type(value).__name__} {shown}.")
 
 
 def uploaded_path(value: Any) -> str:
@@ -300,6 +327,14 @@ class _Running:
             del self._jobs[(session, task.value)]
 
 
+def loads_limiter(limiter: RateLimiter) -> RateLimiter:
+    """The stricter limit on model loads that goes with the request limit ``limiter`` (none if it has none)."""
+    per_minute = round(limiter.rate * 60)
+    if per_minute <= 0:
+        return RateLimiter(0)
+    return RateLimiter(max(1, per_minute // LOADS_PER_MINUTE_SHARE), burst=LOAD_BURST, message=LOAD_MESSAGE)
+
+
 def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
 
@@ -307,17 +342,21 @@ def _session(request: gr.Request | None) -> str:
 def client_key(request: gr.Request | None) -> str:
     """Who is asking, for the rate limit: the logged-in user, else the client's address.
 
-    On a Space the app sits behind Hugging Face's proxy, which sets X-Forwarded-For; elsewhere that
-    header is ignored, since any client could write it.
+    Any client can write X-Forwarded-For, so only what a trusted proxy added counts. On a Space the app
+    sits behind Hugging Face's proxy, which appends the address it saw: the last entry (the ones before
+    it are whatever the client sent). Elsewhere the web server replaces the peer address from the header
+    only for the proxies given with ``--trusted-proxy`` (see :func:`launch`), so the peer address is used.
     """
     if request is None:
         return "anonymous"
     if getattr(request, "username", None):
         return f"user:{request.username}"
     if os.environ.get("SPACE_ID"):
-        forwarded = (request.headers or {}).get("x-forwarded-for", "")
-        if forwarded:
-            return forwarded.split(",")[0].strip()
+        headers = request.headers or {}
+        forwarded = headers.get("x-forwarded-for", "") if hasattr(headers, "get") else ""
+        entries = [entry.strip() for entry in forwarded.split(",") if entry.strip()]
+        if entries:
+            return entries[-1]
     client = getattr(request, "client", None)
     return getattr(client, "host", None) or "anonymous"
 
@@ -419,10 +458,12 @@ def inspector() -> Inspector:
 class Handlers:
     """The functions behind the page's events. Each takes and returns plain values."""
 
-    def __init__(self, service: Service, image_limits: ImageLimits, limiter: RateLimiter) -> None:
+    def __init__(self, service: Service, image_limits: ImageLimits, limiter: RateLimiter,
+                 load_limiter: RateLimiter | None = None) -> None:
         self.service = service
         self.image_limits = image_limits
         self.limiter = limiter
+        self.load_limiter = load_limiter or loads_limiter(limiter)
         self.running = _Running()
 
     # ---------------------------------------------------------------- shared pieces
@@ -444,9 +485,17 @@ class Handlers:
             _notify(exc)
             return gr.skip(), gr.skip()
 
-    def load_model(self, model: str, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple[Any, str]:
-        """Event: load the model just chosen, with a progress bar while it downloads and loads."""
+    def load_model(self, model: str, request: gr.Request,
+                   progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple[Any, str]:
+        """Event: load the model just chosen, with a progress bar while it downloads and loads.
+
+        Counted by the rate limit, and a model not already loaded also by the stricter one for loads (a
+        load at real size reads gigabytes and may evict another user's model).
+        """
         try:
+            self.limiter.check(client_key(request))
+            if model not in self.service.manager.loaded_names():
+                self.load_limiter.check(client_key(request))
             progress(0, desc=f"Loading {model}…")
             self.service.load(model)
         except Exception as exc:  # noqa: BLE001
@@ -473,6 +522,11 @@ class Handlers:
         """
         unchanged = tuple(gr.skip() for _ in range(7))
         if image is None:
+            return unchanged
+        try:
+            self.limiter.check(client_key(request))  # decoding a 40-megapixel upload costs 120 MB
+        except Exception as exc:  # noqa: BLE001 - the picture stays; the next message checks it again
+            _notify(exc)
             return unchanged
         try:
             digest = image_digest(self.picture(image))
@@ -520,11 +574,11 @@ class Handlers:
         self.running.stop(_session(request), Task.CHAT, superseded=True)
         return _chat_view(new_chat(chat.get("image")), note="")
 
-    def chat_preview(self, message: str, chat: dict[str, Any], image: Any, model: str,
+    def chat_preview(self, message: str, chat: dict[str, Any], image: Any, model: str, request: gr.Request,
                      progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> tuple[Any, Any]:
         """Event: show the prompt the message box would send, without generating."""
         turns = chat.get("turns") or []
-        return self._preview(Task.CHAT, model, settings, progress, question=message or "…", history=turns)
+        return self._preview(Task.CHAT, model, settings, progress, request, question=message or "…", history=turns)
 
     def _chat_turn(self, message: str, chat: dict[str, Any], original: dict[str, Any], image: Any, model: str,
                    settings: Mapping[str, Any], session: str, progress: gr.Progress,
@@ -599,15 +653,15 @@ class Handlers:
         yield from self._single(Task.ANSWER, image, model, settings, request, progress,
                                 question=question, short=bool(short))
 
-    def caption_preview(self, model: str, style: str, progress: gr.Progress = gr.Progress(track_tqdm=True),
-                        **settings: Any) -> tuple[Any, Any]:
+    def caption_preview(self, model: str, style: str, request: gr.Request,
+                        progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> tuple[Any, Any]:
         """Event: show the caption prompt without generating."""
-        return self._preview(Task.CAPTION, model, settings, progress, detailed=style == "detailed")
+        return self._preview(Task.CAPTION, model, settings, progress, request, detailed=style == "detailed")
 
-    def ask_preview(self, question: str, short: bool, model: str,
+    def ask_preview(self, question: str, short: bool, model: str, request: gr.Request,
                     progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> tuple[Any, Any]:
         """Event: show the question's prompt without generating."""
-        return self._preview(Task.ANSWER, model, settings, progress, question=question, short=bool(short))
+        return self._preview(Task.ANSWER, model, settings, progress, request, question=question, short=bool(short))
 
     def _single(self, task: Task, image: Any, model: str, settings: Mapping[str, Any], request: gr.Request,
                 progress: gr.Progress, **inputs: Any) -> Iterator[tuple[Any, ...]]:
@@ -646,8 +700,10 @@ class Handlers:
             self.running.finish(session, task, job)
 
     def _preview(self, task: Task, model: str, settings: Mapping[str, Any], progress: gr.Progress,
-                 **inputs: Any) -> tuple[Any, Any]:
+                 request: gr.Request | None, **inputs: Any) -> tuple[Any, Any]:
+        """The prompt and its token counts; counted by the rate limit (it may load the model)."""
         try:
+            self.limiter.check(client_key(request))
             preset, overrides = split_settings(task, settings)
             request = self.service.request(task, preset=preset, overrides=overrides, **inputs)
             prepared = self._prepare(model, request, progress)
@@ -732,7 +788,7 @@ def add_api(service: Service, image_limits: ImageLimits, default_model: str, lim
             request = service.request(Task.CAPTION, preset=preset, detailed=detailed, overrides=overrides(
                 max_new_tokens, min_new_tokens, num_beams, do_sample, temperature, top_p, repetition_penalty,
                 length_penalty))
-            return service.run(model, decode(image), request).text
+            return service.run(model_name(model), decode(image), request).text
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
 
@@ -747,7 +803,7 @@ def add_api(service: Service, image_limits: ImageLimits, default_model: str, lim
             request = service.request(Task.ANSWER, question=question, preset=preset, short=short,
                                       overrides=overrides(max_new_tokens, min_new_tokens, num_beams, do_sample,
                                                           temperature, top_p, repetition_penalty, length_penalty))
-            return service.run(model, decode(image), request).text
+            return service.run(model_name(model), decode(image), request).text
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
 
@@ -762,7 +818,7 @@ def add_api(service: Service, image_limits: ImageLimits, default_model: str, lim
             request = service.request(Task.CHAT, question=message, history=history or (), preset=preset,
                                       overrides=overrides(max_new_tokens, min_new_tokens, num_beams, do_sample,
                                                           temperature, top_p, repetition_penalty, length_penalty))
-            return service.run(model, decode(image), request).text
+            return service.run(model_name(model), decode(image), request).text
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
 
@@ -836,7 +892,7 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             _examples(image, chat["message"], ask["question"])
         changed = image.change(handlers.on_image, [image, chat["state"]],
                                [image, chat["state"], chat["chatbot"], chat["note"], *chat["history_buttons"]],
-                               preprocess=False, **LIGHT)
+                               preprocess=False, **DECODE)
         extras.after_new_image(changed)  # a loaded conversation goes on once its picture is back
         model.select(spaces.GPU(handlers.load_model), model, [model, status], show_progress_on=[status], **PRIVATE)
         demo.load(handlers.refresh_models, model, [model, status], **LIGHT)
@@ -1022,17 +1078,79 @@ async def _watch_event(event: Any, cancel: threading.Event, every: float = 0.2) 
         await asyncio.sleep(every)
 
 
+def _current_queue_event() -> Any:
+    """The gradio queue event the running page handler serves, or None (called directly, or another gradio).
+
+    gradio sets its per-call context (``LocalContext``) before every call and every step of a
+    generator, in the worker thread that runs it.
+    """
+    try:
+        from gradio.context import LocalContext
+
+        event_id = LocalContext.event_id.get(None)
+        blocks = LocalContext.blocks.get(None)
+        if not event_id or blocks is None:
+            return None
+        return blocks._queue.event_ids_to_events.get(event_id)
+    except Exception:  # noqa: BLE001 - no queue: Stop still works
+        return None
+
+
+@contextlib.contextmanager
+def stopped_when_client_leaves(cancel: threading.Event, every: float = 0.2) -> Iterator[threading.Event]:
+    """Within this block, ``cancel`` is set once gradio marks the page event being served dead.
+
+    gradio stops iterating a generator whose client left only after its current step returns, and a
+    step that waits for a slow result (a batch's next caption) would run to its end: a watcher thread
+    sets ``cancel`` instead, so the work stops at its next token.
+    """
+    event = _current_queue_event()
+    if event is None:
+        yield cancel
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(every):
+            if not getattr(event, "alive", True) or getattr(event, "closed", False):
+                log.info("A page went away: stopping its work")
+                cancel.set()
+                return
+
+    watcher = threading.Thread(target=watch, name="client-watch", daemon=True)
+    watcher.start()
+    try:
+        yield cancel
+    finally:
+        done.set()
+
+
 class _Guard:
     """ASGI middleware in front of gradio's routes.
 
     - ``/gradio_api/file=<URL>`` (and the older ``/file/<URL>``) is refused: gradio would fetch any
       public URL for any caller; this app serves only its own files.
+    - A request body larger than ``max_body`` bytes is refused with 413 before it is read (uploads
+      excepted: gradio's own ``max_file_size`` applies to them); gradio would hold the whole body, and
+      every input value in it, in memory before any handler could refuse it.
+    - ``/queue/join`` naming an event the page does not have gets 404 and a sentence, not a 500.
     - A full queue's 503 (``/queue/join``, ``/call/...``) carries :data:`BUSY_MESSAGE`, a sentence for
       people, instead of gradio's "Queue is full. Max size is N and size is N.".
+    - Open heartbeat streams are counted per session (:class:`Sessions`), so that sessions no page keeps
+      open can be expired.
+    - Logins are slowed down, then refused, after repeated failures from one address (:class:`LoginThrottle`),
+      and uploads are rate-limited per address (:class:`Uploads`).
     """
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, *, max_body: int = 8 * 1024 * 1024, blocks: Any = None,
+                 sessions: "Sessions | None" = None, logins: "LoginThrottle | None" = None,
+                 uploads: "Uploads | None" = None) -> None:
         self.app = app
+        self.max_body = max_body
+        self.blocks = blocks
+        self.sessions = sessions
+        self.logins = logins
+        self.uploads = uploads
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope.get("type") != "http":
@@ -1042,6 +1160,33 @@ class _Guard:
         if _REMOTE_FILE.search(path):
             await _send_json(send, 403, {"detail": "File not allowed: this server serves only its own files."})
             return
+        if "/heartbeat/" in path and self.sessions is not None:
+            session = path.rstrip("/").rsplit("/", 1)[-1]
+            with self.sessions.connected(session):
+                await self.app(scope, receive, send)
+            return
+        if path.rstrip("/").endswith("/upload") and scope.get("method") == "POST" and self.uploads is not None:
+            refusal = self.uploads.check(_peer_key(scope))
+            if refusal is not None:
+                await _send_json(send, 429, {"detail": refusal})
+                return
+            from starlette.requests import ClientDisconnect
+
+            try:
+                await self.app(scope, receive, send)
+            except ClientDisconnect:  # gradio would log a traceback for each; its partial file is swept later
+                log.info("An upload was cut off mid-body by %s", _peer_key(scope))
+            return
+        if scope.get("method") in ("POST", "PUT", "PATCH") and not path.rstrip("/").endswith("/upload"):
+            body = await self._read_body(scope, receive, send)
+            if body is None:
+                return  # refused
+            if path.endswith("/queue/join") and not await self._known_event(body, send):
+                return
+            receive = _replay(body, receive)
+            if path.rstrip("/").endswith("/login") and self.logins is not None:
+                await self._login(scope, receive, send)
+                return
         if not (path.endswith("/queue/join") or "/call/" in path):
             await self.app(scope, receive, send)
             return
@@ -1057,6 +1202,329 @@ class _Guard:
 
         await self.app(scope, receive, relay)
 
+    async def _login(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A login attempt, slowed down or refused after repeated failures from its address."""
+        import asyncio
+
+        key = _peer_key(scope)
+        delay = self.logins.begin(key)
+        if delay is None:
+            wait = max(1.0, self.logins.wait_s(key))
+            log.warning("Refused a login from %s: too many failures", key)
+            await _send_json(send, 429, {"detail": f"Too many failed logins from this address: please wait "
+                                                   f"{wait:.0f} s before trying again."})
+            return
+        status = 0
+
+        async def relay(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message.get("status", 0))
+            await send(message)
+
+        try:
+            if delay:
+                await asyncio.sleep(delay)
+            await self.app(scope, receive, relay)
+        finally:
+            self.logins.end(key, 200 <= status < 400)
+
+    async def _read_body(self, scope: dict[str, Any], receive: Any, send: Any) -> bytes | None:
+        """The request's body, or None once a 413 has been sent (by its declared length, or as it arrives)."""
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            length = int(declared) if declared is not None else None
+        except ValueError:
+            await _send_json(send, 400, {"detail": "The Content-Length header is not a number."})
+            return None
+        if length is not None and length > self.max_body:
+            await self._too_large(send, length)
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await self._too_large(send, None)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _too_large(self, send: Any, length: int | None) -> None:
+        size = f" is {length / 1e6:,.1f} MB;" if length is not None else " is too large:"
+        log.info("Refused a request body over %d bytes", self.max_body)
+        await _send_json(send, 413, {"detail": f"This request{size} the most this server accepts is "
+                                               f"{self.max_body / 1e6:,.1f} MB (send images as uploaded files)."})
+
+    async def _known_event(self, body: bytes, send: Any) -> bool:
+        """Whether a queue join names an event of the page; if not, a 404 with a sentence has been sent."""
+        import json
+
+        if self.blocks is None:
+            return True
+        try:
+            fn_index = json.loads(body).get("fn_index")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            return True  # gradio answers malformed bodies itself (422)
+        if fn_index is None or (isinstance(fn_index, int) and not isinstance(fn_index, bool)
+                                and fn_index in self.blocks.fns):
+            return True
+        shown = repr(fn_index) if len(repr(fn_index)) <= 40 else repr(fn_index)[:39] + "…"
+        await _send_json(send, 404, {"detail": f"There is no event {shown} in this app; reload the page to get "
+                                               "the current one."})
+        return False
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that hands over the already read ``body`` once, then the connection's own messages."""
+    sent = False
+
+    async def replayed() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # only http.disconnect can come now
+
+    return replayed
+
+
+class LoginThrottle:
+    """Slows down, then refuses, repeated failed logins from one client address.
+
+    The first ``free`` failures cost nothing (people mistype); each later attempt waits ``0.25 * 2**k``
+    seconds (at most ``max_delay``) before it is checked; after ``lock_after`` failures the address is
+    refused for ``lockout_s`` seconds. Failures are forgotten ``window_s`` seconds after the last one, and
+    a successful login forgets them at once, so the real user is kept out for a minute at most, and only
+    at the address that was guessing. Attempts still being checked count as failures, so parallel
+    guesses gain nothing.
+    """
+
+    def __init__(self, *, free: int = 3, lock_after: int = 8, max_delay: float = 2.0, lockout_s: float = 60.0,
+                 window_s: float = 900.0, max_clients: int = 10_000) -> None:
+        self.free = free
+        self.lock_after = lock_after
+        self.max_delay = max_delay
+        self.lockout_s = lockout_s
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self._clients: dict[str, list[float]] = {}  # key -> [failures, in flight, last failure, locked until]
+        self._lock = threading.Lock()
+
+    def begin(self, key: str) -> float | None:
+        """Seconds to wait before checking this attempt, or None if the address is locked out."""
+        import time
+
+        now = time.monotonic()
+        with self._lock:
+            failures, flying, last, until = self._clients.get(key, [0, 0, 0.0, 0.0])
+            if failures and now - last > self.window_s:
+                failures = 0
+            if until > now:
+                return None
+            probe = until and not flying  # a lockout has ended: one try at a time, locked again if it fails
+            if failures + flying >= self.lock_after and not probe:
+                self._clients[key] = [failures, flying, last, now + self.lockout_s]
+                return None
+            self._clients[key] = [failures, flying + 1, last, until]
+            if len(self._clients) > self.max_clients:
+                self._clients.pop(next(iter(self._clients)))
+            over = failures + flying - self.free
+            return 0.0 if over < 0 else min(self.max_delay, 0.25 * 2 ** over)
+
+    def end(self, key: str, succeeded: bool) -> None:
+        """Record how an attempt that :meth:`begin` let through ended."""
+        import time
+
+        with self._lock:
+            failures, flying, last, until = self._clients.get(key, [0, 1, 0.0, 0.0])
+            if succeeded:
+                self._clients.pop(key, None)
+                return
+            failures += 1
+            until = time.monotonic() + self.lockout_s if failures >= self.lock_after else until
+            self._clients[key] = [failures, max(0, flying - 1), time.monotonic(), until]
+
+    def wait_s(self, key: str) -> float:
+        """Seconds left in ``key``'s lockout."""
+        import time
+
+        with self._lock:
+            return max(0.0, self._clients.get(key, [0, 0, 0.0, 0.0])[3] - time.monotonic())
+
+
+def _peer_key(scope: dict[str, Any]) -> str:
+    """The client address of a request, as :func:`client_key` finds it (for routes without a gr.Request)."""
+    if os.environ.get("SPACE_ID"):
+        forwarded = [value.decode("latin1") for name, value in scope.get("headers") or []
+                     if name == b"x-forwarded-for"]
+        entries = [entry.strip() for entry in ",".join(forwarded).split(",") if entry.strip()]
+        if entries:
+            return entries[-1]
+    client = scope.get("client")
+    return str(client[0]) if client else "anonymous"
+
+
+class Uploads:
+    """Uploads: a rate limit per client address, and the partial files of aborted uploads swept away.
+
+    gradio writes each upload to a temporary file directly in its upload folder and moves it into a
+    folder of its own once the body is complete; an upload cut off mid-body leaves its temporary file
+    behind, which nothing deletes. Such files (``tmp*`` directly in the folder) not written to for
+    ``idle_s`` seconds are deleted every ``every`` seconds, and all of them at shutdown (:meth:`close`).
+    """
+
+    def __init__(self, limiter: RateLimiter, *, folder: str | None = None, idle_s: float = 60.0,
+                 every: float = 30.0) -> None:
+        self.limiter = limiter
+        self.folder = Path(folder or get_upload_folder())
+        self.idle_s = idle_s
+        self.every = every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self, key: str) -> str | None:
+        """None if ``key`` may upload now, else the sentence refusing it."""
+        try:
+            self.limiter.check(key)
+        except BlipAppError as exc:
+            return str(exc)
+        return None
+
+    def sweep(self, idle_s: float | None = None) -> int:
+        """Delete the partial uploads not written to for ``idle_s`` seconds (default: the configured time)."""
+        import time
+
+        idle = self.idle_s if idle_s is None else idle_s
+        removed = 0
+        now = time.time()
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return 0
+        for entry in entries:
+            try:
+                if (entry.name.startswith("tmp") and entry.is_file(follow_symlinks=False)
+                        and now - entry.stat(follow_symlinks=False).st_mtime >= idle):
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue
+        if removed:
+            log.info("Deleted %d partial upload(s)", removed)
+        return removed
+
+    def start(self) -> None:
+        """Sweep in a daemon thread until :meth:`close`."""
+        if self._thread is None:
+            def loop() -> None:
+                while not self._stop.wait(self.every):
+                    self.sweep()
+
+            self._thread = threading.Thread(target=loop, name="upload-sweeper", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop sweeping and delete every partial upload (at shutdown)."""
+        self._stop.set()
+        self.sweep(idle_s=0.0)
+
+
+class Sessions:
+    """Expires the gradio sessions no page keeps open.
+
+    gradio keeps a session's state (a copy of the page's configuration and every input value it was
+    sent) until its page's heartbeat stream closes, and then for an hour; a raw client that never opens
+    one (every ``/call`` request makes a new session) keeps its state until 10,000 sessions exist. Every
+    ``every`` seconds, the sessions that have no open heartbeat, no event waiting or running and were
+    last used over ``idle_s`` seconds ago are forgotten (a closed page's too: a reload starts a new one),
+    with the ids of results their client never came to read.
+    """
+
+    def __init__(self, *, idle_s: float = 60.0, every: float = 15.0) -> None:
+        self.idle_s = idle_s
+        self.every = every
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def connected(self, session: str) -> Iterator[None]:
+        """While a heartbeat stream of ``session`` is open."""
+        with self._lock:
+            self._open[session] = self._open.get(session, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._open.get(session, 1) - 1
+                if left > 0:
+                    self._open[session] = left
+                else:
+                    self._open.pop(session, None)
+
+    def start(self, demo: Any) -> None:
+        """Sweep ``demo``'s sessions in a daemon thread until :meth:`stop`."""
+        import weakref
+
+        if self._thread is not None:
+            return
+        ref = weakref.ref(demo)
+
+        def loop() -> None:
+            while not self._stop.wait(self.every):
+                current = ref()
+                if current is None:
+                    return
+                try:
+                    self.sweep(current)
+                except Exception:  # noqa: BLE001 - the next sweep tries again
+                    log.exception("Expiring idle sessions failed")
+                del current
+
+        self._thread = threading.Thread(target=loop, name="session-expiry", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def sweep(self, demo: Any) -> int:
+        """Forget the expired sessions now; returns how many."""
+        import datetime
+
+        holder = getattr(demo, "state_holder", None)
+        queue = getattr(demo, "_queue", None)
+        if holder is None:
+            return 0
+        now = datetime.datetime.now()
+        busy = set()
+        if queue is not None:  # an event waiting or running (a finished one stays "pending" until its stream is read)
+            busy = {event.session_hash for event in list(queue.event_ids_to_events.values())}
+            busy |= {event.session_hash for job in list(queue.active_jobs) if job for event in job}
+        with self._lock:
+            connected = set(self._open)
+        expired = 0
+        with holder.lock:
+            for session in list(holder.session_data):
+                used = holder.time_last_used.get(session)
+                if session in connected or session in busy:
+                    continue
+                if used is not None and (now - used).total_seconds() < self.idle_s:
+                    continue
+                holder.session_data.pop(session, None)
+                holder.time_last_used.pop(session, None)
+                if queue is not None:  # results nobody came to read
+                    queue.pending_event_ids_session.pop(session, None)
+                expired += 1
+        if expired:
+            log.info("Expired %d idle session(s)", expired)
+        return expired
+
 
 async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
     import json
@@ -1067,6 +1535,17 @@ async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def request_body_limit(config: AppConfig) -> int:
+    """The largest request body accepted (uploads aside): a /chat call carrying the longest history kept.
+
+    That is MAX_HISTORY_TURNS turns of a full-length question and answer, plus room for the rest; the
+    page's own requests are a few kilobytes (images travel as uploads).
+    """
+    from .service import ANSWER_CHARS_FACTOR, MAX_HISTORY_TURNS
+
+    return 1024 * 1024 + MAX_HISTORY_TURNS * config.max_message_chars * (1 + ANSWER_CHARS_FACTOR)
+
+
 def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = False, quiet: bool = False) -> str:
     """Apply the image limits, configure the queue and serve ``demo``; returns the local URL.
 
@@ -1075,6 +1554,11 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
     from starlette.middleware import Middleware
 
     install_pillow_limits(config.image_limits)
+    # uvicorn rewrites the client address from X-Forwarded-For for the peers this lists (by default
+    # loopback, so that any local client could forge its address): only the configured proxies.
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(config.trusted_proxies)
+    sessions = Sessions()
+    uploads = Uploads(uploads_limiter(config.rate_limit_per_minute))
     demo.queue(max_size=config.queue_size, default_concurrency_limit=CONCURRENCY, api_open=False)
     _, url, _ = demo.launch(
         server_name=config.host,
@@ -1085,7 +1569,8 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
         ssr_mode=False,
         mcp_server=False,
         enable_monitoring=False,  # gradio's default (None) serves /monitoring to anyone holding its key
-        app_kwargs={"middleware": [Middleware(_Guard)]},
+        app_kwargs={"middleware": [Middleware(_Guard, max_body=request_body_limit(config), blocks=demo,
+                                              sessions=sessions, logins=LoginThrottle(), uploads=uploads)]},
         run_history=False,  # would keep every image and chat in the browser's storage
         footer_links=["api", "gradio", "settings"],
         prevent_thread_lock=prevent_thread_lock,
@@ -1093,4 +1578,26 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
         theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="slate"),
         css=CSS,
     )
+    sessions.start(demo)  # sessions no page keeps open are forgotten after a minute
+    uploads.start()
+    demo.blip_app_sessions = sessions  # type: ignore[attr-defined]
+    demo.blip_app_uploads = uploads  # type: ignore[attr-defined]
+    _clean_at_exit(uploads.close, sessions.stop)
     return url
+
+
+def uploads_limiter(per_minute: int) -> RateLimiter:
+    """Uploads one address may send: twice the request rate, in bursts of 20 or more (a Batch of photos
+    arrives in one request; every image shown in the page is one upload); none if requests have no limit."""
+    if per_minute <= 0:
+        return RateLimiter(0)
+    return RateLimiter(2 * per_minute, burst=max(20, per_minute),
+                       message="You are uploading files too quickly; please wait {wait:.0f} s and try again.")
+
+
+def _clean_at_exit(*steps: Any) -> None:
+    """Run ``steps`` when the process exits (normally, by Ctrl-C, or by SIGTERM: see app.main)."""
+    import atexit
+
+    for step in steps:
+        atexit.register(step)

@@ -56,13 +56,13 @@ from .exports import (
 )
 from .images import ImageLimits, load_image
 from .manager import ModelState
-from .prompts import clean_text
 from .ratelimit import RateLimiter
-from .service import Service
+from .service import Service, clean_message
 from .settings import Limits, Preset, Task, resolve_settings
 from .ui import (
     _STOP,
     CURSOR,
+    DECODE,
     LIGHT,
     PRESET_LABELS,
     PRIVATE,
@@ -74,9 +74,11 @@ from .ui import (
     client_key,
     inert,
     model_choices,
+    model_name,
     model_status,
     settings_panel,
     split_settings,
+    stopped_when_client_leaves,
     uploaded_path,
 )
 
@@ -101,6 +103,9 @@ SLIDERS = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temper
            "repetition_penalty", "length_penalty")
 
 BATCH_HEADERS = ["file", "caption", "seconds", "note"]
+ROWS_EVERY_S = 0.5  # the Batch table is sent again at most this often for rows that cost no model run
+# Saves the export a click has just built (chat_export's output): the hidden button downloads its value.
+SAVE_EXPORT = "() => { setTimeout(() => document.querySelector('#chat-export-file')?.click(), 0); }"
 RESET_IMPORT_INPUT = ("() => { const input = document.querySelector('#chat-files input[type=file]'); "
                       "if (input) input.value = ''; }")
 
@@ -220,20 +225,25 @@ def uploaded_files(value: Any) -> list[tuple[str, str]]:
     return files
 
 
-def expand_uploads(value: Any, image_limits: ImageLimits, max_images: int) -> tuple[list[BatchItem], list[str]]:
+def expand_uploads(value: Any, image_limits: ImageLimits, max_files: int) -> tuple[list[BatchItem], list[str]]:
     """The images in uploaded files and zip archives (named by the original file names), and notes.
 
-    Entries that are not images come back as skipped items (their ``note`` says why). More than
-    ``max_images`` images is refused with a BadInputError before anything is decoded.
+    Entries that are not images come back as skipped items (their ``note`` says why). Every entry
+    counts against ``max_files``, images or not (each costs a row, and an archive of thousands of text
+    files would otherwise cost as much as thousands of images): one more is refused with a
+    BadInputError before anything is decoded.
     """
     items: list[BatchItem] = []
     for path, name in uploaded_files(value):
-        for item in iter_images([path], image_limits=image_limits):
-            shown = name + item.name[len(path):] if item.name.startswith(path) else Path(item.name).name
-            items.append(BatchItem(shown, item.load, item.note))
-    images = sum(1 for item in items if not item.skipped)
-    if images > max_images:
-        raise BadInputError(f"{images:,} images were given; at most {max_images:,} can be handled at once here.")
+        try:
+            for item in iter_images([path], image_limits=image_limits):
+                if len(items) >= max_files:
+                    raise BadInputError(f"More than {max_files:,} files were given (every file in an archive "
+                                        f"counts, images or not); at most {max_files:,} can be handled at once here.")
+                shown = name + item.name[len(path):] if item.name.startswith(path) else Path(item.name).name
+                items.append(BatchItem(shown, item.load, item.note))
+        except BadInputError as exc:  # an archive refused whole: named as the person named it, not by its temp path
+            raise BadInputError(str(exc).replace(path, name)) from None
     return items, [f"{item.name}: {item.note}" for item in items if item.skipped]
 
 
@@ -300,29 +310,69 @@ def _captions_filename(model: str, suffix: str) -> str:
 
 
 class _Downloads:
-    """Folders for the files the page offers for download.
+    """Folders for the files the page offers for download, deleted on the uploads' schedule.
 
-    gradio copies a file into its own cache when an event returns it, so each folder is removed once
-    it is older than ``keep_s``; the whole root goes when the app object does.
+    Exports hold what people wrote, so they live no longer than their uploads: a folder older than
+    ``keep_s`` seconds is removed by a sweeper thread that runs every ``min(keep_s, 600)`` seconds (as
+    gradio's ``delete_cache`` does for the copies it serves), ``keep_s`` None keeps them, and the whole
+    root goes when the app object does or the process exits (:meth:`close`).
     """
 
-    def __init__(self, keep_s: float = 900.0) -> None:
+    def __init__(self, keep_s: float | None = 900.0) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="blip_app-downloads-"))
         self.keep_s = keep_s
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.root), True)
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _close_downloads, str(self.root), self._stop)
 
     def folder(self) -> Path:
         """A new, empty folder (older ones are removed first)."""
+        self.sweep()
+        self._start_sweeper()
+        path = self.root / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def sweep(self) -> None:
+        """Remove the folders older than ``keep_s``."""
+        if self.keep_s is None:
+            return
         now = time.time()
-        for child in self.root.iterdir():
+        for child in list(self.root.iterdir()) if self.root.is_dir() else []:
             try:
-                if now - child.stat().st_mtime > self.keep_s:
+                if now - child.stat().st_mtime >= self.keep_s:
                     shutil.rmtree(child, ignore_errors=True)
             except OSError:
                 pass
-        path = self.root / uuid.uuid4().hex
-        path.mkdir()
-        return path
+
+    def _start_sweeper(self) -> None:
+        if self.keep_s is None or self._sweeper is not None:
+            return
+        with self._lock:
+            if self._sweeper is None:
+                every = max(0.5, min(self.keep_s, 600.0))
+                self._sweeper = threading.Thread(target=_sweep_every, args=(weakref.ref(self), self._stop, every),
+                                                 name="downloads-sweeper", daemon=True)
+                self._sweeper.start()
+
+    def close(self) -> None:
+        """Delete every file offered for download (at shutdown)."""
+        self._finalizer()
+
+
+def _sweep_every(downloads: Any, stop: threading.Event, every: float) -> None:
+    while not stop.wait(every):
+        current = downloads()
+        if current is None:
+            return
+        current.sweep()
+        del current
+
+
+def _close_downloads(root: str, stop: threading.Event) -> None:
+    stop.set()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 class _Cancels:
@@ -377,8 +427,8 @@ def add_extra_api(service: Service, config: AppConfig, limiter: RateLimiter) -> 
 
         try:
             limiter.check(client_key(request))
-            text = clean_text(text, what="text to score", max_chars=SEARCH_TEXT_CHARS)
-            return trust_score(service, model, decode(image), text).as_dict()
+            text = clean_message(text, what="text to score", max_chars=SEARCH_TEXT_CHARS)
+            return trust_score(service, model_name(model), decode(image), text).as_dict()
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
 
@@ -393,16 +443,19 @@ def add_extra_api(service: Service, config: AppConfig, limiter: RateLimiter) -> 
 
         try:
             limiter.check(client_key(request))
-            query = clean_text(query, what="search text", max_chars=SEARCH_TEXT_CHARS)
+            query = clean_message(query, what="search text", max_chars=SEARCH_TEXT_CHARS)
             items, _ = expand_uploads(images or [], image_limits, SEARCH_LIMIT)
             items = [item for item in items if not item.skipped]
-            pictures = []
-            for item in items:
-                try:
-                    pictures.append(item.load())
-                except BadImageError as exc:
-                    raise BadImageError(f"{item.name}: {exc}") from None
-            return [hit.as_dict() for hit in rank(service, model, pictures, query,
+
+            def loader(item: BatchItem) -> Any:
+                def load() -> Any:  # called by rank when this image's turn comes: one decoded at a time
+                    try:
+                        return item.load()
+                    except BadImageError as exc:
+                        raise BadImageError(f"{item.name}: {exc}") from None
+                return load
+
+            return [hit.as_dict() for hit in rank(service, model_name(model), [loader(item) for item in items], query,
                                                    names=[item.name for item in items])]
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
@@ -424,12 +477,14 @@ def add_extra_api(service: Service, config: AppConfig, limiter: RateLimiter) -> 
             if image is not None:
                 items.append(decode(image))
                 names.append(uploaded_files(image)[0][1])
-            if text is not None and text.strip():
+            if text is not None:
+                text = clean_message(text, what="text to embed", max_chars=SEARCH_TEXT_CHARS, allow_empty=True)
+            if text:
                 items.append(text)
                 names.append(text)
             if not items:
                 raise BadInputError("Give an image, a text, or both to embed.")
-            return [e.as_dict(full=bool(full)) for e in features(service, model, items, names=names)]
+            return [e.as_dict(full=bool(full)) for e in features(service, model_name(model), items, names=names)]
         except Exception as exc:  # noqa: BLE001
             raise _api_error(exc) from None
 
@@ -454,7 +509,8 @@ class Extras:
         self.trust_model = config.trust_model
         self.auto_trust = bool(config.trust and config.trust_model)
         self.max_batch_images = config.max_batch_images
-        self.downloads = _Downloads(keep_s=max(600.0, min(float(config.delete_uploads_after_s or 900), 3600.0)))
+        # exports and batch results: deleted on the uploads' schedule (--delete-uploads-after; 0 keeps them)
+        self.downloads = _Downloads(keep_s=float(config.delete_uploads_after_s) or None)
         self.batches = _Cancels()
         self._sliders: dict[str, Any] = {}  # the chat's settings sliders, by name
         self._resume: tuple[list[Any], list[Any]] | None = None  # inputs and outputs of chat_resume
@@ -483,26 +539,30 @@ class Extras:
         gr.on(triggers, lambda: "", None, line, **LIGHT)
         if task is Task.CAPTION:
             event.then(spaces.GPU(self.score_caption), [image, output], line, preprocess=False,
-                       show_progress="minimal", **PRIVATE)
+                       show_progress="minimal", concurrency_id="decode",
+                       concurrency_limit=DECODE["concurrency_limit"], **PRIVATE)
         else:
             event.then(spaces.GPU(self.score_answer), [image, question, output], line, preprocess=False,
-                       show_progress="minimal", **PRIVATE)
+                       show_progress="minimal", concurrency_id="decode",
+                       concurrency_limit=DECODE["concurrency_limit"], **PRIVATE)
 
-    def score_caption(self, image: Any, caption: str) -> str:
+    def score_caption(self, image: Any, caption: str, request: gr.Request = None) -> str:
         """Event: the trust line for the caption shown, on the picture shown."""
-        return self._score(Task.CAPTION, image, "", caption)
+        return self._score(Task.CAPTION, image, "", caption, request)
 
-    def score_answer(self, image: Any, question: str, answer: str) -> str:
+    def score_answer(self, image: Any, question: str, answer: str, request: gr.Request = None) -> str:
         """Event: the trust line for the question and answer shown, on the picture shown."""
-        return self._score(Task.ANSWER, image, question, answer)
+        return self._score(Task.ANSWER, image, question, answer, request)
 
-    def _score(self, task: Task, image: Any, question: str, text: str) -> str:
+    def _score(self, task: Task, image: Any, question: str, text: str, request: gr.Request | None) -> str:
+        """The trust line; counted by the rate limit (it decodes the picture and runs the matching model)."""
         from .retrieval import trust_score, trust_text
 
         reply = shown_reply(text)
         if not reply or image is None or not self.trust_model:
             return ""
         try:
+            self.limiter.check(client_key(request))
             trust = trust_score(self.service, self.trust_model, self.picture(image),
                                 trust_text(task, question or "", reply))
         except Exception as exc:  # noqa: BLE001 - the caption stands without its score; no toast each time
@@ -525,16 +585,20 @@ class Extras:
                         "Load a JSON export, upload the same picture, and the conversation goes on.",
                         elem_classes="note")
             with gr.Row():
-                markdown = gr.DownloadButton("⬇ Markdown", value=None, interactive=False, size="sm",
-                                             elem_id="chat-export-md")
-                json_file = gr.DownloadButton("⬇ JSON", value=None, interactive=False, size="sm",
-                                              elem_id="chat-export-json")
+                markdown = gr.Button("⬇ Markdown", interactive=False, size="sm", elem_id="chat-export-md")
+                json_file = gr.Button("⬇ JSON", interactive=False, size="sm", elem_id="chat-export-json")
                 load = gr.UploadButton("⬆ Load a JSON export", file_types=[".json"], file_count="single",
                                        size="sm", elem_id="chat-import")
-        state.change(self.chat_export, [state, model], [markdown, json_file], inputs_kwargs=settings, **LIGHT)
+            # The file is written only when someone asks for it: a click builds it into this hidden button,
+            # and the page then clicks that to save it.
+            fetch = gr.DownloadButton("Save", value=None, visible="hidden", elem_id="chat-export-file")
+        state.change(self.export_buttons, state, [markdown, json_file], **LIGHT)
+        for button, build in ((markdown, self.export_markdown), (json_file, self.export_json)):
+            button.click(build, [state, model], fetch, inputs_kwargs=settings, **LIGHT).then(
+                None, None, None, js=SAVE_EXPORT, **LIGHT)
         sliders = [settings[name] for name in SLIDERS]
         outputs = [chat["chatbot"], state, chat["note"], model, status, pending, *chat["history_buttons"], *sliders]
-        load.upload(self.chat_import, [load, state, model, pending], outputs, preprocess=False, **LIGHT)
+        load.upload(self.chat_import, [load, state, model, pending], outputs, preprocess=False, **DECODE)
         # gradio leaves the file in the hidden <input>, so choosing the same file again would fire nothing
         load.upload(None, None, None, js=RESET_IMPORT_INPUT, **LIGHT)
         self._sliders = {name: settings[name] for name in SLIDERS}
@@ -555,29 +619,51 @@ class Extras:
                 checkpoint = getattr(loaded, "checkpoint_generation", None)
         return resolve_settings(Task.CHAT, preset, overrides, checkpoint=checkpoint, limits=self.limits)
 
-    def chat_export(self, chat: Mapping[str, Any], model: str, **settings: Any) -> tuple[Any, Any]:
-        """Event (the conversation changed): fresh Markdown and JSON files for the download buttons."""
+    def export_buttons(self, chat: Mapping[str, Any]) -> tuple[Any, Any]:
+        """Event (the conversation changed): the download buttons work when there is something to export."""
+        ready = bool(chat.get("turns"))
+        return gr.Button(interactive=ready), gr.Button(interactive=ready)
+
+    def export_markdown(self, chat: Mapping[str, Any], model: str, request: gr.Request = None,
+                        **settings: Any) -> Any:
+        """Event (⬇ Markdown): the conversation as Markdown, written now, for the page to save."""
+        return self.chat_export("md", chat, model, request, **settings)
+
+    def export_json(self, chat: Mapping[str, Any], model: str, request: gr.Request = None, **settings: Any) -> Any:
+        """Event (⬇ JSON): the conversation as JSON, written now, for the page to save."""
+        return self.chat_export("json", chat, model, request, **settings)
+
+    def chat_export(self, kind: str, chat: Mapping[str, Any], model: str, request: gr.Request = None,
+                    **settings: Any) -> Any:
+        """The hidden download button holding a fresh ``kind`` ("md" or "json") export of the conversation.
+
+        Counted by the rate limit (each writes a file); deleted on the uploads' schedule.
+        """
         turns = chat.get("turns") or []
         if not turns:
-            return gr.DownloadButton(value=None, interactive=False), gr.DownloadButton(value=None, interactive=False)
+            gr.Info("There is nothing to export yet.")
+            return gr.skip()
         try:
+            self.limiter.check(client_key(request))
             card = card_for(self.service, model, self._chat_settings(model, settings), image_sha256=chat.get("image"))
-            folder = self.downloads.folder()
-            md = save_text(conversation_to_markdown(turns, card), export_filename(model, "md"), folder)
-            js = save_text(conversation_to_json(turns, card), export_filename(model, "json"), folder)
+            text = (conversation_to_markdown(turns, card) if kind == "md" else conversation_to_json(turns, card))
+            path = save_text(text, export_filename(model, kind), self.downloads.folder())
         except Exception as exc:  # noqa: BLE001
             _notify(exc)
-            return gr.skip(), gr.skip()
-        return gr.DownloadButton(value=str(md), interactive=True), gr.DownloadButton(value=str(js), interactive=True)
+            return gr.skip()
+        return gr.DownloadButton(value=str(path))
 
-    def chat_import(self, upload: Any, chat: Mapping[str, Any], model: str, pending: Any) -> tuple[Any, ...]:
+    def chat_import(self, upload: Any, chat: Mapping[str, Any], model: str, pending: Any,
+                    request: gr.Request = None) -> tuple[Any, ...]:
         """Event: read a JSON export; continue it now if the picture shown is its picture, else wait for it."""
         keep = self._unchanged()
         try:
             path = uploaded_files(upload)[0][0] if upload else None
             if path is None:
                 return keep
-            imported = conversation_from_json(Path(path))
+            self.limiter.check(client_key(request))
+            # the limits and the cleaning of chat itself: what loads can be continued
+            imported = conversation_from_json(Path(path), max_chars=self.service.max_message_chars)
         except Exception as exc:  # noqa: BLE001
             _notify(exc)
             return keep
@@ -671,25 +757,34 @@ class Extras:
 
         try:
             self.limiter.check(client_key(request))
-            query = clean_text(query, what="search text", max_chars=SEARCH_TEXT_CHARS)
+            query = clean_message(query, what="search text", max_chars=SEARCH_TEXT_CHARS)
             items, notes = expand_uploads(files, self.image_limits, SEARCH_LIMIT)
-            pictures, names = [], []
-            for item in items:
-                if item.skipped:
-                    continue
-                try:
-                    pictures.append(item.load())
-                    names.append(item.name)
-                except BlipAppError as exc:
-                    notes.append(f"{item.name}: {exc}")
-            if not pictures:
+            items = [item for item in items if not item.skipped]
+            if not items:
                 raise BadInputError("Add some photos (or a zip of photos) to search first.")
-            progress(0, desc=f"Ranking {len(pictures)} images…")
-            hits = search(self.service, self.trust_model, pictures, query, names=names)
+            thumbnails: dict[int, Any] = {}
+
+            def loader(index: int, item: BatchItem) -> Any:
+                def load() -> Any:  # called by search when this image's turn comes: one decoded at a time
+                    try:
+                        picture = item.load()
+                    except BlipAppError as exc:
+                        notes.append(f"{item.name}: {exc}")
+                        return None
+                    thumbnails[index] = thumbnail(picture)
+                    return picture
+                return load
+
+            progress(0, desc=f"Ranking {len(items)} images…")
+            hits = search(self.service, self.trust_model, [loader(i, item) for i, item in enumerate(items)], query,
+                          names=[item.name for item in items])
+            if not hits:
+                raise BadInputError("None of the files could be read as a photo: "
+                                    + "; ".join(notes[:3]) + ("…" if len(notes) > 3 else ""))
         except Exception as exc:  # noqa: BLE001
             _notify(exc)
             return gr.skip(), gr.skip()
-        gallery = [(thumbnail(pictures[hit.index]), search_caption(hit)) for hit in hits]
+        gallery = [(thumbnails[hit.index], search_caption(hit)) for hit in hits]
         lines = [f"**{len(hits)}** images ranked for “{inert(query)}”, best match first. Each score is the "
                  "probability that the sentence describes the photo (0.8 or more: very likely; 0.5: likely; "
                  "0.2: uncertain; below: unlikely)."]
@@ -754,15 +849,21 @@ class Extras:
         off = gr.DownloadButton(value=None, interactive=False)
         yield ([], f"Working… 0 of {total}.", off, off, gr.Button(visible=False), gr.Button(visible=True))
         try:
-            if not any(s.name == model and s.state == "loaded" for s in self.service.models()):
-                progress(0, desc=f"Loading {model}…")
-            steps = caption_many(self.service, model, items, preset, overrides, detailed=style == "detailed",
-                                 cancel=cancel, progress=lambda done, count, name: progress(
-                                     (done, count), desc=f"{done} of {count}", unit="images"))
-            for result in steps:
-                results.append(result)
-                yield (batch_table(results), batch_summary(results, total, running=True), gr.skip(), gr.skip(),
-                       gr.skip(), gr.skip())
+            with stopped_when_client_leaves(cancel):
+                if not any(s.name == model and s.state == "loaded" for s in self.service.models()):
+                    progress(0, desc=f"Loading {model}…")
+                steps = caption_many(self.service, model, items, preset, overrides, detailed=style == "detailed",
+                                     cancel=cancel, progress=lambda done, count, name: progress(
+                                         (done, count), desc=f"{done} of {count}", unit="images"))
+                shown = time.monotonic()
+                for result in steps:
+                    results.append(result)
+                    # Each view re-sends the whole table: a caption (which took a model run) is shown at once,
+                    # rows that cost nothing (skipped files, unreadable images) at most every ROWS_EVERY_S.
+                    if result.ok or time.monotonic() - shown >= ROWS_EVERY_S:
+                        shown = time.monotonic()
+                        yield (batch_table(results), batch_summary(results, total, running=True), gr.skip(),
+                               gr.skip(), gr.skip(), gr.skip())
         except Exception as exc:  # noqa: BLE001
             _notify(exc)
         finally:

@@ -195,3 +195,34 @@ def test_json_lines_keep_values_as_they_are():
     assert [tuple(line) for line in lines] == [BATCH_COLUMNS] * 4
     assert lines[1]["caption"] == "=HYPERLINK(\"http://x\")" and lines[1]["length_penalty"] == -1.0
     assert lines[3]["caption"] is None and lines[3]["seconds"] is None and "not a readable" in lines[3]["error"]
+
+
+HOSTILE_NAMES = [
+    "holiday\r=2+5\r.png",  # a bare carriage return: the csv module quotes only its own line terminator
+    "holiday\n=2+5\n.png",
+    "holiday\r\n@SUM(A1)\r\n.png",
+    "cat\n\t=1+1.png",
+    "\r=3+4.png",
+    "\n-5+5.png",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_no_line_of_a_csv_cell_can_start_a_formula(name: str):
+    """Issue 15 item 3: spreadsheets and pandas read what follows a line break as a new row or cell."""
+    import pandas as pd
+
+    settings = GenerationSettings(max_new_tokens=10)
+    rows = [BatchResult(0, name, "a caption\r+1", "blip2-opt-2.7b", settings, 0.5),
+            BatchResult(1, "ok.png", "-1 is a caption", "blip2-opt-2.7b", settings, 0.25)]
+    text = batch_to_csv(rows)
+    table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    assert len(table) == 2 and tuple(table.columns) == BATCH_COLUMNS
+    assert table["file"][1] == "ok.png" and table["caption"][1] == "'-1 is a caption"
+    read = list(csv.reader(io.StringIO(text, newline="")))
+    assert len(read) == 3 and all(len(row) == len(BATCH_COLUMNS) for row in read)
+    for cell in [*table.to_numpy().ravel(), *(c for row in read for c in row)]:
+        for line in str(cell).replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+            assert not line.startswith(("=", "+", "-", "@", "\t")), (name, cell)
+    # the text itself is kept, behind the quote marks
+    assert table["file"][0].replace("'", "") == name and table["caption"][0] == "a caption\r'+1"

@@ -360,8 +360,9 @@ def test_export_then_import_continues_the_conversation(extras, models: list[str]
     digest = _digest(EXAMPLES / "chelsea.jpg")
     chat = {"image": digest, "turns": [["What is it?", "a cat"], ["Its colour?", "tabby <b>brown</b>"]]}
     settings = {"preset": "fast", "max_new_tokens": 17, "temperature": 0.7, "do_sample": True}
-    markdown, json_button = extras.chat_export(chat, models[1], **settings)
-    assert markdown.interactive and json_button.interactive
+    assert all(button.interactive for button in extras.export_buttons(chat))
+    markdown = extras.export_markdown(chat, models[1], None, **settings)  # written when asked for, not before
+    json_button = extras.export_json(chat, models[1], None, **settings)
     text = Path(markdown.value["path"]).read_text(encoding="utf-8")
     assert "Reproducibility card" in text and digest in text and "tabby \\<b\\>brown\\</b\\>" in text
     imported = conversation_from_json(Path(json_button.value["path"]))
@@ -406,7 +407,7 @@ def gr_skip():
 
 
 def test_an_empty_conversation_offers_no_download(extras, models: list[str]) -> None:
-    markdown, json_button = extras.chat_export({"image": None, "turns": []}, models[0], preset="fast")
+    markdown, json_button = extras.export_buttons({"image": None, "turns": []})
     assert not markdown.interactive and not json_button.interactive
 
 
