@@ -16,8 +16,8 @@ from blip_app.config import AppConfig, parse_config
 if TYPE_CHECKING:
     import gradio as gr
 
-    from blip_app.manager import ModelManager
-    from blip_app.service import Service
+    from blip_app.models.manager import ModelManager
+    from blip_app.tasks.service import Service
 
 log = logging.getLogger("blip_app")
 
@@ -27,8 +27,8 @@ def create_app(config: AppConfig, *, manager: ModelManager | None = None) -> tup
 
     ``manager`` replaces the default ModelManager (tests use one with their own loader).
     """
-    from blip_app import ui
-    from blip_app.service import Service
+    from blip_app.tasks.service import Service
+    from blip_app.web import page
 
     service = Service(
         config.offered_models,  # the captioning models and the image-text matching model (trust, search)
@@ -39,7 +39,7 @@ def create_app(config: AppConfig, *, manager: ModelManager | None = None) -> tup
         time_limit_s=config.time_limit_s,
         manager=manager,
     )
-    return ui.build_ui(service, config), service
+    return page.build_ui(service, config), service
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own requests, one line each
-    from blip_app import ui
+    from blip_app.web import ui
 
     demo, service = create_app(config)
     if config.preload:

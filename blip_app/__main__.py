@@ -13,11 +13,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import cli_extra
-from .catalog import catalog_entries
-from .devices import PRECISIONS, QUANTIZATIONS, LoadOptions
-from .errors import BadImageError, BadInputError, BlipAppError, SettingsError, UnknownModelError
-from .settings import SETTING_NAMES, Preset
+from blip_app.cli import commands as cli_commands
+from blip_app.core.catalog import catalog_entries
+from blip_app.core.devices import PRECISIONS, QUANTIZATIONS, LoadOptions
+from blip_app.core.settings import SETTING_NAMES, Preset
+from blip_app.errors import BadImageError, BadInputError, BlipAppError, SettingsError, UnknownModelError
 
 log = logging.getLogger("blip_app")
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--json", action="store_true", help="one JSON object per line: image, model, caption")
     caption.add_argument("--detailed", action="store_true", help="a longer description")
     _add_model_options(caption)
-    cli_extra.add_caption_batch_options(caption)
+    cli_commands.add_caption_batch_options(caption)
 
     ask = commands.add_parser("ask", help="answer a question about an image")
     ask.add_argument("image", metavar="IMAGE")
@@ -62,14 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print a JSON object: image, model, question, answer")
     _add_model_options(ask)
 
-    cli_extra.add_embed_parser(commands)
-    cli_extra.add_trust_parsers(commands)
+    cli_commands.add_embed_parser(commands)
+    cli_commands.add_trust_parsers(commands)
 
     models = commands.add_parser("models", help="list the catalog")
     models.add_argument("--json", action="store_true")
 
     bench = commands.add_parser("bench", help="measure blip_app's path against the naive baseline at a real size")
-    from . import bench as bench_module
+    from blip_app.devtools import bench as bench_module
 
     bench_module.add_arguments(bench)
 
@@ -84,7 +84,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _session(args: argparse.Namespace):
-    from .service import Service
+    from blip_app.tasks.service import Service
 
     options = LoadOptions(device=args.device, precision=args.precision, quantization=args.quantization,
                           local_files_only=args.offline or os.environ.get("HF_HUB_OFFLINE") == "1",
@@ -94,7 +94,7 @@ def _session(args: argparse.Namespace):
 
 def cmd_ask(args: argparse.Namespace) -> int:
     """Answer one question about one image."""
-    from .images import load_image
+    from blip_app.core.images import load_image
 
     image = load_image(args.image)
     service = _session(args)
@@ -134,7 +134,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     """Write the tiny offline checkpoints."""
-    from .tiny import make_tiny_checkpoints, make_tiny_retrieval_checkpoint
+    from blip_app.devtools.tiny import make_tiny_checkpoints, make_tiny_retrieval_checkpoint
 
     paths = make_tiny_checkpoints(args.directory, seed=args.seed)
     paths["retrieval"] = make_tiny_retrieval_checkpoint(os.path.join(args.directory, "retrieval"), seed=args.seed)
@@ -145,15 +145,15 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark (see blip_app/bench.py)."""
-    from .bench import run_bench
+    from blip_app.devtools.bench import run_bench
 
     run_bench(args)
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "caption": cli_extra.cmd_caption, "ask": cmd_ask, "embed": cli_extra.cmd_embed,
-            "models": cmd_models, "make-tiny": cmd_make_tiny, "trust": cli_extra.cmd_trust,
-            "search": cli_extra.cmd_search}
+COMMANDS = {"bench": cmd_bench, "caption": cli_commands.cmd_caption, "ask": cmd_ask, "embed": cli_commands.cmd_embed,
+            "models": cmd_models, "make-tiny": cmd_make_tiny, "trust": cli_commands.cmd_trust,
+            "search": cli_commands.cmd_search}
 
 # Errors caused by what the user typed or gave exit 2; errors of the model or machine exit 1.
 _USAGE_ERRORS = (BadImageError, BadInputError, SettingsError, UnknownModelError)

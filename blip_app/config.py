@@ -12,9 +12,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .devices import PRECISIONS, QUANTIZATIONS, LoadOptions
-from .images import ImageLimits
-from .settings import Limits
+from blip_app.core.devices import PRECISIONS, QUANTIZATIONS, LoadOptions
+from blip_app.core.images import ImageLimits
+from blip_app.core.settings import Limits
 
 # Offered when no --model is given: small enough for a CPU or a free GPU, one of each family.
 DEFAULT_MODELS = ("blip2-opt-2.7b", "blip2-flan-t5-xl", "instructblip-flan-t5-xl", "instructblip-vicuna-7b")

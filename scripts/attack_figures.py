@@ -284,7 +284,7 @@ def item_6(app_dir: Path, python: str, models: list[str], retrieval: str, pictur
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from blip_app.tiny import make_tiny_checkpoints, make_tiny_retrieval_checkpoint
+    from blip_app.devtools.tiny import make_tiny_checkpoints, make_tiny_retrieval_checkpoint
 
     items = {int(n) for n in args.items.split(",") if n.strip()}
     work = Path(tempfile.mkdtemp(prefix="blip-figures-"))

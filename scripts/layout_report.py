@@ -47,11 +47,11 @@ def chat_turn_files() -> tuple[list[str], int]:
     sys.path.insert(0, str(ROOT / "tests"))
     from PIL import Image
 
-    from blip_app.images import ImageLimits, image_digest, load_image
-    from blip_app.ratelimit import RateLimiter
-    from blip_app.service import Service
-    from blip_app.tiny import make_tiny_checkpoint
-    from blip_app.ui import Handlers
+    from blip_app.core.images import ImageLimits, image_digest, load_image
+    from blip_app.devtools.tiny import make_tiny_checkpoint
+    from blip_app.tasks.service import Service
+    from blip_app.web.ratelimit import RateLimiter
+    from blip_app.web.ui import Handlers
 
     folder = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "opt", "blip2-opt")
     from gradio.utils import get_upload_folder

@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from blip_app.catalog import resolve  # noqa: E402
-from blip_app.engine import LoadedModel  # noqa: E402
-from blip_app.settings import GenerationSettings, Task  # noqa: E402
-from blip_app.tiny import make_tiny_checkpoints  # noqa: E402
+from blip_app.core.catalog import resolve  # noqa: E402
+from blip_app.core.settings import GenerationSettings, Task  # noqa: E402
+from blip_app.devtools.tiny import make_tiny_checkpoints  # noqa: E402
+from blip_app.models.engine import LoadedModel  # noqa: E402
 
 
 def main() -> None:

@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from blip_app.tiny import make_tiny_checkpoints, make_tiny_retrieval_checkpoint
+    from blip_app.devtools.tiny import make_tiny_checkpoints, make_tiny_retrieval_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="blip-soak-"))
     checkpoints = make_tiny_checkpoints(work / "tiny")

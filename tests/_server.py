@@ -72,9 +72,9 @@ def _pillow_globals_restored() -> Iterator[None]:
 
 def _serve(flags: list[str], cache_dir: str | os.PathLike[str] | None) -> Iterator[RunningApp]:
     import app as app_module
-    from blip_app import ui
     from blip_app.config import parse_config
-    from blip_app.manager import ModelManager
+    from blip_app.models.manager import ModelManager
+    from blip_app.web import ui
 
     last_error: OSError | None = None
     for _ in range(3):  # another process may grab the port between free_port() and launch

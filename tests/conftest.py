@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{family: folder} of the four tiny checkpoints in the modern layout, built once per session."""
-    from blip_app.tiny import make_tiny_checkpoints
+    from blip_app.devtools.tiny import make_tiny_checkpoints
 
     return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
 
@@ -36,7 +36,7 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 @pytest.fixture(scope="session")
 def tiny_legacy_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{family: folder} of the four tiny checkpoints in the pre-4.46 layout (no <image> token)."""
-    from blip_app.tiny import FAMILIES, make_tiny_checkpoint
+    from blip_app.devtools.tiny import FAMILIES, make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-legacy")
     return {family: make_tiny_checkpoint(root / family, family, legacy=True) for family in FAMILIES}

@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 
 from blip_app import __main__ as cli
-from blip_app import cli_extra
-from blip_app.batch import BatchItem, ZipLimits, caption_many, iter_images
-from blip_app.devices import LoadOptions
+from blip_app.cli import commands as cli_commands
+from blip_app.core.devices import LoadOptions
+from blip_app.core.settings import SETTING_NAMES, Task, resolve_settings
 from blip_app.errors import BadImageError, BadInputError, SettingsError
-from blip_app.exports import BATCH_COLUMNS
-from blip_app.service import Service
-from blip_app.settings import SETTING_NAMES, Task, resolve_settings
+from blip_app.tasks.batch import BatchItem, ZipLimits, caption_many, iter_images
+from blip_app.tasks.exports import BATCH_COLUMNS
+from blip_app.tasks.service import Service
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
 
@@ -162,7 +162,7 @@ def caption_args(*argv: str) -> argparse.Namespace:
     caption.add_argument("--json", action="store_true")
     caption.add_argument("--detailed", action="store_true")
     cli._add_model_options(caption)
-    cli_extra.add_caption_batch_options(caption)
+    cli_commands.add_caption_batch_options(caption)
     return parser.parse_args(["caption", *argv])
 
 
@@ -172,7 +172,7 @@ def test_caption_command_takes_folders_and_zips_and_writes_csv_and_jsonl(tiny_ch
     out, err = io.StringIO(), io.StringIO()
     args = caption_args(str(folder), str(archive), "--model", model, "--preset", "fast", "--max-new-tokens", "5",
                         "--csv", str(tmp_path / "out.csv"), "--jsonl", str(tmp_path / "out.jsonl"))
-    assert cli_extra.cmd_caption(args, out, err) == 0
+    assert cli_commands.cmd_caption(args, out, err) == 0
     lines = out.getvalue().splitlines()
     assert len(lines) == 4 and lines[0].startswith(os.path.join(str(folder), "b", "Green.PNG") + ": ")
     assert err.getvalue() == f"note: {archive}/notes.txt: skipped: not an image (.txt)\n"
@@ -188,18 +188,18 @@ def test_caption_command_takes_folders_and_zips_and_writes_csv_and_jsonl(tiny_ch
 def test_caption_command_single_image_and_failures(tiny_checkpoints, folder, tmp_path):
     model = str(tiny_checkpoints["blip2-opt"])
     out = io.StringIO()
-    assert cli_extra.cmd_caption(caption_args(str(folder / "red.png"), "--model", model, "--preset", "fast",
+    assert cli_commands.cmd_caption(caption_args(str(folder / "red.png"), "--model", model, "--preset", "fast",
                                               "--json"), out, io.StringIO()) == 0
     assert set(json.loads(out.getvalue())) == {"image", "model", "caption"}
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n junk")
     with pytest.raises(BadImageError):  # named on the command line: fails before a model loads
-        cli_extra.cmd_caption(caption_args(str(tmp_path / "corrupt.png"), "--model", model), io.StringIO())
+        cli_commands.cmd_caption(caption_args(str(tmp_path / "corrupt.png"), "--model", model), io.StringIO())
     (folder / "b" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n junk")
     out, err = io.StringIO(), io.StringIO()
-    assert cli_extra.cmd_caption(caption_args(str(folder), "--model", model, "--preset", "fast"), out, err) == 1
+    assert cli_commands.cmd_caption(caption_args(str(folder), "--model", model, "--preset", "fast"), out, err) == 1
     assert len(out.getvalue().splitlines()) == 3
     assert err.getvalue().startswith("warning: ") and "error: 1 of 4 images could not be captioned" in err.getvalue()
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(BadInputError, match="No images were found"):
-        cli_extra.cmd_caption(caption_args(str(empty), "--model", model), io.StringIO())
+        cli_commands.cmd_caption(caption_args(str(empty), "--model", model), io.StringIO())

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip_app import realsize, speed
-from blip_app.catalog import CATALOG
+from blip_app.core.catalog import CATALOG
+from blip_app.devtools import realsize
+from blip_app.devtools import speed as speed_tools
+from blip_app.models import speed
 
 SCALE = 1 / 64  # same code path as the real size, a few million parameters
 
@@ -76,7 +78,7 @@ def test_build_is_deterministic_and_cached(tmp_path: Path, shrunk_opt: Path) -> 
 def test_other_families_build_and_answer(tmp_path: Path, name: str) -> None:
     from PIL import Image
 
-    from blip_app.service import Service
+    from blip_app.tasks.service import Service
 
     folder = realsize.build_realsize(name, root=tmp_path, scale=SCALE)
     service = Service([str(folder)])
@@ -138,9 +140,9 @@ def test_int8_runs_and_is_close(shrunk_opt: Path) -> None:
 
 
 def test_bandwidth_and_other_load_are_measured() -> None:
-    bandwidth = speed.measure_bandwidth(gigabytes=0.02, repeats=1)
+    bandwidth = speed_tools.measure_bandwidth(gigabytes=0.02, repeats=1)
     assert bandwidth["best"] > 0 and set(bandwidth) > {"sum_float64", "sum_float32"}
-    with speed.OtherLoad() as load:
+    with speed_tools.OtherLoad() as load:
         sum(range(10000))
     assert 0.0 <= load.share
 
@@ -149,7 +151,7 @@ def test_bandwidth_and_other_load_are_measured() -> None:
 
 
 def test_bench_end_to_end_on_a_tiny_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    from blip_app import bench
+    from blip_app.devtools import bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -179,7 +181,7 @@ def test_bench_end_to_end_on_a_tiny_checkpoint(tiny_checkpoints: dict[str, Path]
 
 
 def test_bench_skip_baseline(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    from blip_app import bench
+    from blip_app.devtools import bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)

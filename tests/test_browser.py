@@ -172,7 +172,7 @@ def test_a_corrupt_upload_is_refused_with_its_sentence(app: RunningApp, page, tm
     page.locator("#image input[type=file]").set_input_files(str(corrupt))
     toast = page.locator("[data-testid=toast-body]").first
     toast.wait_for()
-    assert "PNG" in toast.inner_text()  # the sentence of blip_app.images, not a generic error
+    assert "PNG" in toast.inner_text()  # the sentence of blip_app.core.images, not a generic error
     page.wait_for_function("() => document.querySelectorAll('#image img').length === 0")  # removed again
     assert page.errors == []
 

@@ -24,7 +24,7 @@ PHOTOS = ["chelsea.jpg", "rocket.jpg", "coffee.jpg"]
 
 @pytest.fixture(scope="module")
 def app(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
-    from blip_app.tiny import make_tiny_retrieval_checkpoint
+    from blip_app.devtools.tiny import make_tiny_retrieval_checkpoint
 
     retrieval = make_tiny_retrieval_checkpoint(tmp_path_factory.mktemp("retrieval") / "itm")
     models = [tiny_checkpoints["blip2-opt"], tiny_checkpoints["instructblip-flan-t5"]]

@@ -95,7 +95,7 @@ def test_make_tiny_writes_loadable_checkpoints(tmp_path):
 
 
 def test_embed_prints_features_of_images_and_texts(tiny_checkpoints, photos, tmp_path):
-    from blip_app.tiny import make_tiny_retrieval_checkpoint
+    from blip_app.devtools.tiny import make_tiny_retrieval_checkpoint
 
     matcher = make_tiny_retrieval_checkpoint(tmp_path / "itm")
     result = run("embed", str(photos / "red.png"), "a red square", "--model", str(matcher), "--json")
@@ -116,7 +116,7 @@ def test_caption_a_folder_into_csv(tiny_checkpoints, photos, tmp_path):
 
 
 def test_trust_and_search_from_the_command_line(photos, tmp_path):
-    from blip_app.tiny import make_tiny_retrieval_checkpoint
+    from blip_app.devtools.tiny import make_tiny_retrieval_checkpoint
 
     matcher = str(make_tiny_retrieval_checkpoint(tmp_path / "itm"))
     trust = run("trust", str(photos / "red.png"), "a red square", "--model", matcher, "--json")

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from blip_app.compare import compare, iter_compare
-from blip_app.devices import LoadOptions
+from blip_app.core.devices import LoadOptions
 from blip_app.errors import BadImageError, BadInputError, SettingsError, UnknownModelError
-from blip_app.manager import GB, ModelManager
-from blip_app.retrieval import confidence_label, load_model, resolve_model, trust_score, trust_text
-from blip_app.service import Service
+from blip_app.models.manager import GB, ModelManager
+from blip_app.models.retrieval import confidence_label, load_model, resolve_model, trust_score, trust_text
+from blip_app.tasks.compare import compare, iter_compare
+from blip_app.tasks.service import Service
 
 RED = Image.new("RGB", (40, 30), "red")
 FP32 = LoadOptions(precision="float32")
@@ -21,7 +21,7 @@ FP32 = LoadOptions(precision="float32")
 
 @pytest.fixture(scope="module")
 def tiny_retrieval(tmp_path_factory):
-    from blip_app.tiny import make_tiny_retrieval_checkpoint
+    from blip_app.devtools.tiny import make_tiny_retrieval_checkpoint
 
     return str(make_tiny_retrieval_checkpoint(tmp_path_factory.mktemp("retrieval") / "itm"))
 

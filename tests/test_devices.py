@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from blip_app.catalog import LanguageModel
-from blip_app.devices import Hardware, LoadOptions, plan_load
+from blip_app.core.catalog import LanguageModel
+from blip_app.core.devices import Hardware, LoadOptions, plan_load
 from blip_app.errors import ModelLoadError
 
 OPT, T5, VICUNA = LanguageModel.OPT, LanguageModel.FLAN_T5, LanguageModel.VICUNA
@@ -72,7 +72,7 @@ def test_impossible_requests_are_refused_by_name(options, message):
 
 
 def test_bitsandbytes_configs_follow_the_docs():
-    from blip_app.engine import quantization_config
+    from blip_app.models.engine import quantization_config
 
     config8 = quantization_config(plan_load(OPT, LoadOptions(quantization="8bit"), GPU_BF16))
     assert config8.load_in_8bit and not config8.load_in_4bit

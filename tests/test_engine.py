@@ -10,18 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_app.catalog import Family, ModelRef, resolve
-from blip_app.devices import LoadOptions
-from blip_app.engine import DEVICE_LOCKS, LoadedModel, clean_output
+from blip_app.core.catalog import Family, ModelRef, resolve
+from blip_app.core.devices import LoadOptions
+from blip_app.core.prompts import Turn
+from blip_app.core.settings import GenerationSettings, Task
+from blip_app.devtools.tiny import FAMILIES, make_tiny_checkpoint
 from blip_app.errors import (
     CancelledError,
     ModelLoadError,
     PromptTooLongError,
     UnsupportedCheckpointError,
 )
-from blip_app.prompts import Turn
-from blip_app.settings import GenerationSettings, Task
-from blip_app.tiny import FAMILIES, make_tiny_checkpoint
+from blip_app.models.engine import DEVICE_LOCKS, LoadedModel, clean_output
 
 GREEDY = GenerationSettings(max_new_tokens=8, num_beams=1)
 
@@ -371,7 +371,7 @@ def test_a_hanging_generation_is_ended_by_the_time_limit_and_frees_the_device(mo
 
 
 # ---------------------------------------------------------------------------------------- CPU speedups
-# The engine applies blip_app.speed at load on a CPU (weights resident in RAM, packed bfloat16 kernels,
+# The engine applies blip_app.models.speed at load on a CPU (weights resident in RAM, packed bfloat16 kernels,
 # eager attention in the vision encoder): it must change the speed, never a token.
 
 
@@ -387,7 +387,7 @@ def next_token_logits(loaded: LoadedModel, image: Image.Image) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cpu_speedups_are_applied_at_load_and_keep_the_numbers(tiny_checkpoints, models, family):
-    from blip_app import speed
+    from blip_app.models import speed
 
     fast = models[family]
     applied = speed.applied(fast.model)
@@ -430,7 +430,7 @@ def test_cpu_speedups_are_applied_at_load_and_keep_the_numbers(tiny_checkpoints,
 
 
 def test_cpu_speedups_are_idempotent_and_skip_float32_layers(tiny_checkpoints):
-    from blip_app import speed
+    from blip_app.models import speed
 
     loaded = LoadedModel.load(resolve(str(tiny_checkpoints["blip2-opt"])), LoadOptions(precision="float32"))
     applied = speed.applied(loaded.model)
@@ -443,7 +443,7 @@ def test_cpu_speedups_are_idempotent_and_skip_float32_layers(tiny_checkpoints):
 def test_int8_cpu_quantises_the_language_model_and_stays_close(tiny_checkpoints, models, family):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-    from blip_app import speed
+    from blip_app.models import speed
 
     ref = resolve(str(tiny_checkpoints[family]))
     int8 = LoadedModel.load(ref, LoadOptions(quantization="int8-cpu"))
@@ -470,7 +470,7 @@ def test_int8_cpu_quantises_the_language_model_and_stays_close(tiny_checkpoints,
 
 
 def test_requests_sent_together_are_batched_together_even_if_one_reaches_the_device_first(tiny_checkpoints):
-    from blip_app.service import Service
+    from blip_app.tasks.service import Service
 
     service = Service([str(tiny_checkpoints["blip2-opt"])], LoadOptions())
     name = str(tiny_checkpoints["blip2-opt"])

@@ -13,11 +13,15 @@ import pytest
 from PIL import Image
 
 from blip_app import __version__
-from blip_app.batch import BatchResult
-from blip_app.catalog import LanguageModel
-from blip_app.devices import LoadOptions, detect_hardware, plan_load
+from blip_app.core.catalog import LanguageModel
+from blip_app.core.devices import LoadOptions, plan_load
+from blip_app.core.images import image_digest
+from blip_app.core.prompts import Turn
+from blip_app.core.settings import SETTING_NAMES, GenerationSettings, Task, resolve_settings
 from blip_app.errors import BadInputError
-from blip_app.exports import (
+from blip_app.models.hardware import detect_hardware
+from blip_app.tasks.batch import BatchResult
+from blip_app.tasks.exports import (
     BATCH_COLUMNS,
     FORMAT,
     batch_to_csv,
@@ -30,10 +34,7 @@ from blip_app.exports import (
     reproducibility_card,
     save_text,
 )
-from blip_app.images import image_digest
-from blip_app.prompts import Turn
-from blip_app.service import Service
-from blip_app.settings import SETTING_NAMES, GenerationSettings, Task, resolve_settings
+from blip_app.tasks.service import Service
 
 RED = Image.new("RGB", (40, 30), "red")
 SETTINGS = GenerationSettings(max_new_tokens=40, num_beams=1, do_sample=True, temperature=0.7, top_p=0.8, seed=7)

@@ -1,7 +1,7 @@
 """What the published checkpoints need beyond transformers' defaults (issue 10), point by point.
 
 The comparison with transformers' own generate() on whole requests is tests/test_reference.py; these
-tests pin each rule on its own, on tiny checkpoints shaped like the published ones (blip_app.tiny).
+tests pin each rule on its own, on tiny checkpoints shaped like the published ones (blip_app.devtools.tiny).
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_app import manager as manager_module
-from blip_app.catalog import Family, LanguageModel, PromptStyle, resolve
-from blip_app.devices import LoadOptions
-from blip_app.engine import LoadedModel, _Job, clean_output
+from blip_app.core.catalog import Family, LanguageModel, PromptStyle, resolve
+from blip_app.core.devices import LoadOptions
+from blip_app.core.prompts import Turn
+from blip_app.core.settings import GenerationSettings, ModelTraits, Task, task_defaults
+from blip_app.devtools.tiny import FAMILIES, make_tiny_checkpoint, newline_id
 from blip_app.errors import BadInputError
-from blip_app.prompts import Turn
-from blip_app.service import Service
-from blip_app.settings import GenerationSettings, ModelTraits, Task, task_defaults
-from blip_app.tiny import FAMILIES, make_tiny_checkpoint, newline_id
+from blip_app.models import manager as manager_module
+from blip_app.models.engine import LoadedModel, _Job, clean_output
+from blip_app.tasks.service import Service
 
 GREEDY = GenerationSettings(max_new_tokens=12, num_beams=1)
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip_app.engine import DEVICE_LOCKS
+from blip_app.models.engine import DEVICE_LOCKS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
@@ -82,7 +82,7 @@ def wait_until(condition, timeout: float, every: float = 0.02) -> bool:
 @pytest.fixture(scope="module")
 def service(models: list[str]):
     from blip_app.config import parse_config
-    from blip_app.service import Service
+    from blip_app.tasks.service import Service
 
     config = parse_config([flag for m in models for flag in ("--model", m)] + ["--offline", "--trust-model", "none"])
     made = Service(config.offered_models, config.load, limits=config.limits)
@@ -95,10 +95,10 @@ def make_extras(service, models: list[str], *flags: str):
     import gradio as gr
 
     from blip_app.config import parse_config
-    from blip_app.ratelimit import RateLimiter
-    from blip_app.settings import Task
-    from blip_app.ui import settings_panel
-    from blip_app.ui_extra import Extras
+    from blip_app.core.settings import Task
+    from blip_app.web.ratelimit import RateLimiter
+    from blip_app.web.tools import Extras
+    from blip_app.web.ui import settings_panel
 
     config = parse_config([flag for m in models for flag in ("--model", m)] +
                           ["--offline", "--trust-model", "none", *flags])
@@ -198,7 +198,7 @@ def test_a_batch_stops_at_once_when_its_page_goes_away(service, models: list[str
 
 @pytest.fixture(scope="module")
 def tiny_retrieval(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from blip_app.tiny import make_tiny_retrieval_checkpoint
+    from blip_app.devtools.tiny import make_tiny_retrieval_checkpoint
 
     return str(make_tiny_retrieval_checkpoint(tmp_path_factory.mktemp("retrieval") / "itm"))
 
@@ -209,14 +209,14 @@ class LiveDecodes:
     def __init__(self, monkeypatch) -> None:
         import weakref
 
-        import blip_app.batch
-        import blip_app.images
+        import blip_app.core.images
+        import blip_app.tasks.batch
 
         self.alive = 0
         self.most = 0
         self.decoded = 0
         self._lock = threading.Lock()
-        real = blip_app.images.load_image
+        real = blip_app.core.images.load_image
 
         def counted(*args, **kwargs):
             picture = real(*args, **kwargs)
@@ -227,8 +227,8 @@ class LiveDecodes:
             weakref.finalize(picture, self._gone)
             return picture
 
-        monkeypatch.setattr(blip_app.batch, "load_image", counted)
-        monkeypatch.setattr("blip_app.ui_extra.load_image", counted)
+        monkeypatch.setattr(blip_app.tasks.batch, "load_image", counted)
+        monkeypatch.setattr("blip_app.web.tools.load_image", counted)
 
     def _gone(self) -> None:
         with self._lock:
@@ -239,10 +239,10 @@ def test_search_holds_one_decoded_picture_at_a_time(models: list[str], tiny_retr
     from gradio_client import Client, handle_file
 
     from blip_app.config import parse_config
-    from blip_app.ratelimit import RateLimiter
-    from blip_app.service import Service
-    from blip_app.ui import inert
-    from blip_app.ui_extra import Extras
+    from blip_app.tasks.service import Service
+    from blip_app.web.ratelimit import RateLimiter
+    from blip_app.web.tools import Extras
+    from blip_app.web.ui import inert
 
     config = parse_config(["--model", models[0], "--offline", "--trust-model", tiny_retrieval])
     service = Service(config.offered_models, config.load)
@@ -284,9 +284,9 @@ TOO_QUICK = "You are sending requests too quickly"
 
 
 def _export_file(service, model: str) -> dict:
-    from blip_app.exports import card_for, conversation_to_json
-    from blip_app.images import image_digest, load_image
-    from blip_app.settings import GenerationSettings
+    from blip_app.core.images import image_digest, load_image
+    from blip_app.core.settings import GenerationSettings
+    from blip_app.tasks.exports import card_for, conversation_to_json
 
     digest = image_digest(load_image(EXAMPLES / "chelsea.jpg"))
     card = card_for(service, model, GenerationSettings(), image_sha256=digest)
@@ -297,10 +297,10 @@ def test_every_model_and_upload_handler_counts_against_the_rate_limit(service, m
                                                                       tiny_retrieval: str) -> None:
 
     from blip_app.config import parse_config
-    from blip_app.images import ImageLimits
-    from blip_app.ratelimit import RateLimiter
-    from blip_app.ui import Handlers, new_chat
-    from blip_app.ui_extra import Extras
+    from blip_app.core.images import ImageLimits
+    from blip_app.web.ratelimit import RateLimiter
+    from blip_app.web.tools import Extras
+    from blip_app.web.ui import Handlers, new_chat
 
     photo = upload("chelsea.jpg", (EXAMPLES / "chelsea.jpg").read_bytes())
     config = parse_config(["--model", models[0], "--offline", "--trust-model", tiny_retrieval])
@@ -336,7 +336,7 @@ def test_every_model_and_upload_handler_counts_against_the_rate_limit(service, m
 
 def _trust_service(models: list[str], tiny_retrieval: str):
     from blip_app.config import parse_config
-    from blip_app.service import Service
+    from blip_app.tasks.service import Service
 
     config = parse_config(["--model", models[0], "--offline", "--trust-model", tiny_retrieval])
     return Service(config.offered_models, config.load)
@@ -346,9 +346,9 @@ def test_model_switches_have_a_stricter_limit_of_their_own(service, models: list
     """10 switches in a row were accepted (each a multi-GB load at real size); choosing a loaded model costs no load."""
     import warnings
 
-    from blip_app.images import ImageLimits
-    from blip_app.ratelimit import RateLimiter
-    from blip_app.ui import Handlers
+    from blip_app.core.images import ImageLimits
+    from blip_app.web.ratelimit import RateLimiter
+    from blip_app.web.ui import Handlers
 
     handlers = Handlers(service, ImageLimits(), RateLimiter(60, burst=100))  # requests are not the limit here
     attacker = _Session("switcher", host="10.0.0.66")
@@ -471,8 +471,8 @@ def test_the_export_buttons_download_a_file_built_on_the_click(models: list[str]
 
 
 def _conversation_file(service, model: str, turns: list[tuple[str, str]]) -> bytes:
-    from blip_app.exports import card_for, conversation_to_json
-    from blip_app.settings import GenerationSettings
+    from blip_app.core.settings import GenerationSettings
+    from blip_app.tasks.exports import card_for, conversation_to_json
 
     card = card_for(service, model, GenerationSettings(), image_sha256="0" * 64)
     return conversation_to_json(turns, card).encode()
@@ -481,8 +481,8 @@ def _conversation_file(service, model: str, turns: list[tuple[str, str]]) -> byt
 def test_import_refuses_what_chat_would_refuse_and_keeps_what_chat_takes(service, models: list[str]) -> None:
     import json
 
-    from blip_app.service import ANSWER_CHARS_FACTOR
-    from blip_app.ui import new_chat
+    from blip_app.tasks.service import ANSWER_CHARS_FACTOR
+    from blip_app.web.ui import new_chat
 
     extras = make_extras(service, models)
     limit = service.max_message_chars
@@ -510,8 +510,8 @@ def test_import_refuses_what_chat_would_refuse_and_keeps_what_chat_takes(service
     with pytest.warns(UserWarning, match="broken character") as recorded:
         out = extras.chat_import(upload("chat.json", broken.encode()), new_chat("0" * 64), models[0], None, _Session())
     assert "turn 1" in refusals(recorded)[0] and "U+D83D" in refusals(recorded)[0]
+    from blip_app.core.settings import Task
     from blip_app.errors import BadInputError
-    from blip_app.settings import Task
 
     with pytest.raises(BadInputError, match="The message holds a broken character"):
         service.request(Task.CHAT, question="hi \udc00", history=[])
@@ -633,7 +633,7 @@ def _raw_http(url: str, head: str, body: bytes = b"", *, timeout: float = 5.0) -
 
 def test_a_body_over_the_cap_is_refused_before_it_is_read(api_app) -> None:
     from blip_app.config import parse_config
-    from blip_app.ui import request_body_limit
+    from blip_app.web.ui import request_body_limit
 
     limit = request_body_limit(parse_config([]))
     assert 5_000_000 < limit < 8_000_000  # a /chat call with the 500 longest turns kept fits
@@ -731,7 +731,7 @@ def test_a_forged_forwarded_address_does_not_escape_the_rate_limit(models: list[
 
 
 def test_on_a_space_only_the_entry_the_platform_proxy_adds_counts(monkeypatch) -> None:
-    from blip_app.ui import client_key
+    from blip_app.web.ui import client_key
 
     monkeypatch.setenv("SPACE_ID", "someone/blip-app")
     seen = SimpleNamespace(username=None, client=SimpleNamespace(host="10.16.0.2"))
@@ -774,7 +774,7 @@ def test_repeated_failed_logins_are_slowed_then_refused_for_that_address_only(mo
 
 
 def test_a_lockout_is_short_and_a_success_forgets_the_failures() -> None:
-    from blip_app.ui import LoginThrottle
+    from blip_app.web.ui import LoginThrottle
 
     throttle = LoginThrottle(free=2, lock_after=4, max_delay=0.0, lockout_s=0.3)
     for _ in range(4):

@@ -22,7 +22,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from blip_app.engine import DEVICE_LOCKS
+from blip_app.models.engine import DEVICE_LOCKS
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "chelsea.jpg"
 ALLOWED = "Allowed formats: JPEG, PNG, WebP, GIF, BMP."
@@ -222,10 +222,10 @@ def test_markup_in_a_question_and_in_the_output_is_inert_in_the_chat_view(app: R
     """
     from gradio.utils import get_upload_folder
 
-    from blip_app.engine import LoadedModel
-    from blip_app.images import ImageLimits
-    from blip_app.ratelimit import RateLimiter
-    from blip_app.ui import Handlers, inert
+    from blip_app.core.images import ImageLimits
+    from blip_app.models.engine import LoadedModel
+    from blip_app.web.ratelimit import RateLimiter
+    from blip_app.web.ui import Handlers, inert
 
     monkeypatch.setattr(LoadedModel, "decode", lambda self, ids: HOSTILE_MARKUP)
     folder = Path(get_upload_folder()) / "blip-app-hardening"

@@ -16,7 +16,7 @@ import pytest
 from _browser import TIMEOUT_MS  # skips this module without chromium or playwright
 from _server import ROOT, RunningApp, running_app
 
-from blip_app.engine import DEVICE_LOCKS, LoadedModel
+from blip_app.models.engine import DEVICE_LOCKS, LoadedModel
 
 EXAMPLE = ROOT / "assets" / "examples" / "chelsea.jpg"
 HOSTILE = ("<img src=http://127.0.0.1:9/x.png onerror=alert(1)> <script>alert(2)</script> "

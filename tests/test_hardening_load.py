@@ -27,7 +27,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from blip_app.engine import DEVICE_LOCKS, LoadedModel
+from blip_app.models.engine import DEVICE_LOCKS, LoadedModel
 
 LOAD_SECONDS = float(os.environ.get("BLIP_APP_LOAD_SECONDS", "20"))
 CLIENTS = 8
@@ -198,7 +198,7 @@ def test_a_burst_beyond_the_queue_is_refused_quickly_and_the_accepted_finish(mod
                                                                            tmp_path: Path) -> None:
     import httpx
 
-    from blip_app.ui import BUSY_MESSAGE
+    from blip_app.web.ui import BUSY_MESSAGE
 
     image = picture(tmp_path, 1)
     with running_app(models[:1], "--queue-size", "2") as app:

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from blip_app.catalog import resolve
-from blip_app.engine import DEVICE_LOCKS, LoadedModel
+from blip_app.core.catalog import resolve
+from blip_app.core.settings import GenerationSettings, Task
 from blip_app.errors import BadInputError, CancelledError
-from blip_app.settings import GenerationSettings, Task
+from blip_app.models.engine import DEVICE_LOCKS, LoadedModel
 
 RED = Image.new("RGB", (32, 32), (200, 30, 30))
 GREEDY = GenerationSettings(max_new_tokens=4, num_beams=1)
@@ -79,7 +79,7 @@ def test_a_lock_timeout_still_says_busy(opt: LoadedModel) -> None:
 
 
 def test_a_cancel_event_set_around_a_call_reaches_the_service(tiny_checkpoints: dict[str, Path]) -> None:
-    from blip_app.service import Service, cancelled_by
+    from blip_app.tasks.service import Service, cancelled_by
 
     model = str(tiny_checkpoints["blip2-opt"])
     service = Service([model])
@@ -97,7 +97,7 @@ def test_a_cancel_event_set_around_a_call_reaches_the_service(tiny_checkpoints: 
 
 
 def test_a_huge_history_is_cut_to_the_turns_that_could_fit(tiny_checkpoints: dict[str, Path]) -> None:
-    from blip_app.service import MAX_HISTORY_TURNS, Service
+    from blip_app.tasks.service import MAX_HISTORY_TURNS, Service
 
     service = Service([str(tiny_checkpoints["blip2-opt"])])
     started = time.monotonic()
@@ -124,7 +124,7 @@ def test_delete_uploads_after_flag() -> None:
 def test_the_api_wrapper_keeps_what_gr_api_reads() -> None:
     import gradio as gr
 
-    from blip_app.ui import _stops_when_abandoned
+    from blip_app.web.ui import _stops_when_abandoned
 
     def caption(image: dict, model: str = "m", max_new_tokens: int | None = None, request: gr.Request = None) -> str:
         """Doc."""
@@ -145,8 +145,8 @@ def test_two_models_loading_at_once_stay_within_the_memory_budget(tiny_checkpoin
     already loaded (A), not against A + C, so A, B and C all ended up in memory (on a GPU, an
     out-of-memory). Loads in flight now hold a reservation.
     """
-    from blip_app.devices import LoadOptions
-    from blip_app.manager import GB, ModelManager
+    from blip_app.core.devices import LoadOptions
+    from blip_app.models.manager import GB, ModelManager
 
     paths = [str(tiny_checkpoints[f]) for f in ("blip2-opt", "instructblip-flan-t5", "blip2-flan-t5")]
     sizes = [LoadedModel.load(resolve(p)).model.get_memory_footprint() for p in paths]
@@ -239,8 +239,8 @@ def test_a_load_waiting_for_room_never_slips_in_as_another_finishes(tiny_checkpo
     B loads (slowly); A is asked for meanwhile and waits for room, since B's bytes are reserved. When B is
     done, its reservation ends and A is woken before B counts as loaded: A sees an empty manager and loads too.
     """
-    from blip_app.devices import LoadOptions
-    from blip_app.manager import GB, ModelManager
+    from blip_app.core.devices import LoadOptions
+    from blip_app.models.manager import GB, ModelManager
 
     paths = [str(tiny_checkpoints[f]) for f in ("blip2-opt", "instructblip-flan-t5")]
     sizes = [LoadedModel.load(resolve(p)).model.get_memory_footprint() for p in paths]

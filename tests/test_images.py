@@ -1,4 +1,4 @@
-"""Tests for blip_app.images: every sample is built here, in tmp_path or in memory."""
+"""Tests for blip_app.core.images: every sample is built here, in tmp_path or in memory."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin, TiffImagePlugin, features
 
-from blip_app import images
-from blip_app.errors import BadImageError, user_message
-from blip_app.images import (
+from blip_app.core import images
+from blip_app.core.images import (
     ALLOWED_FORMATS,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SIDE,
@@ -26,6 +25,7 @@ from blip_app.images import (
     install_pillow_limits,
     load_image,
 )
+from blip_app.errors import BadImageError, user_message
 
 RED = (255, 0, 0)
 GREEN = (0, 255, 0)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from blip_app.devices import LoadOptions
-from blip_app.engine import LoadedModel
+from blip_app.core.devices import LoadOptions
 from blip_app.errors import BusyError, ModelLoadError, UnknownModelError
-from blip_app.manager import GB, ModelManager
-from blip_app.service import Service
+from blip_app.models.engine import LoadedModel
+from blip_app.models.manager import GB, ModelManager
+from blip_app.tasks.service import Service
 
 RED = Image.new("RGB", (32, 32), "red")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from blip_app import prompts
-from blip_app.catalog import PromptStyle
+from blip_app.core import prompts
+from blip_app.core.catalog import PromptStyle
+from blip_app.core.prompts import Turn
 from blip_app.errors import BadInputError, PromptTooLongError
-from blip_app.prompts import Turn
 
 B, COCO, INSTR = PromptStyle.BLIP2, PromptStyle.BLIP2_COCO, PromptStyle.INSTRUCTBLIP
 

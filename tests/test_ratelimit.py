@@ -7,7 +7,7 @@ import time
 import pytest
 
 from blip_app.errors import RateLimitedError
-from blip_app.ratelimit import RateLimiter
+from blip_app.web.ratelimit import RateLimiter
 
 
 def test_each_client_gets_its_own_allowance_and_it_refills():

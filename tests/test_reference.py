@@ -31,10 +31,10 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessorList
 from transformers import RepetitionPenaltyLogitsProcessor as Penalty
 
-from blip_app.devices import LoadOptions
-from blip_app.prompts import Turn
-from blip_app.service import Service
-from blip_app.tiny import FAMILIES, make_tiny_checkpoint
+from blip_app.core.devices import LoadOptions
+from blip_app.core.prompts import Turn
+from blip_app.devtools.tiny import FAMILIES, make_tiny_checkpoint
+from blip_app.tasks.service import Service
 
 QUESTION = "what is in the picture?"
 HISTORY = (("what is it?", "a red square"), ("is it big?", "no"))

@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_app import cli_extra
-from blip_app.catalog import CatalogEntry
-from blip_app.devices import Hardware, LoadOptions
-from blip_app.engine import LoadedModel
+from blip_app.cli import commands as cli_commands
+from blip_app.core.catalog import CatalogEntry
+from blip_app.core.devices import Hardware, LoadOptions
 from blip_app.errors import BadInputError, UnsupportedCheckpointError
-from blip_app.manager import GB, ModelManager
-from blip_app.retrieval import (
+from blip_app.models.engine import LoadedModel
+from blip_app.models.manager import GB, ModelManager
+from blip_app.models.retrieval import (
     CONFIDENCE_THRESHOLDS,
     RetrievalEntry,
     RetrievalModel,
@@ -35,7 +35,7 @@ from blip_app.retrieval import (
     trust_score,
     trust_text,
 )
-from blip_app.service import Service
+from blip_app.tasks.service import Service
 
 RED = Image.new("RGB", (40, 30), "red")
 BLUE = Image.new("RGB", (40, 30), "blue")
@@ -46,7 +46,7 @@ FP32 = LoadOptions(precision="float32")
 
 @pytest.fixture(scope="module")
 def tiny_retrieval(tmp_path_factory):
-    from blip_app.tiny import make_tiny_retrieval_checkpoint
+    from blip_app.devtools.tiny import make_tiny_retrieval_checkpoint
 
     return make_tiny_retrieval_checkpoint(tmp_path_factory.mktemp("retrieval") / "itm")
 
@@ -235,7 +235,7 @@ def test_instructblip_query_features_follow_the_instruction(tiny_checkpoints):
 
 def embed_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cli_extra.add_embed_parser(parser.add_subparsers(dest="command"))
+    cli_commands.add_embed_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["embed", *argv])
 
 
@@ -255,13 +255,13 @@ def test_embed_api_gives_every_kind(tiny_checkpoints, tiny_retrieval):
 def test_embed_command_prints_and_writes_json(tiny_retrieval, tmp_path):
     RED.save(tmp_path / "red.png")
     out = io.StringIO()
-    assert cli_extra.cmd_embed(embed_args(str(tmp_path / "red.png"), "a red square", "--model",
+    assert cli_commands.cmd_embed(embed_args(str(tmp_path / "red.png"), "a red square", "--model",
                                           str(tiny_retrieval), "--precision", "float32"), out) == 0
     lines = out.getvalue().splitlines()
     assert len(lines) == 5 and "itc-text" in lines[-1] and "norm    1.0000" in lines[-1]
     assert "4x16" in lines[2] and "..." in lines[0]
     out = io.StringIO()
-    cli_extra.cmd_embed(embed_args("a red square", "--model", str(tiny_retrieval), "--json"), out)  # auto: bf16
+    cli_commands.cmd_embed(embed_args("a red square", "--model", str(tiny_retrieval), "--json"), out)  # auto: bf16
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [r["kind"] for r in rows] == ["qformer-text", "itc-text"]
     assert len(rows[1]["vector"]) == 16 and rows[1]["norm"] == pytest.approx(1.0, abs=0.01)

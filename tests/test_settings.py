@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from blip_app.core.settings import Limits, Preset, Task, resolve_settings
 from blip_app.errors import SettingsError
-from blip_app.settings import Limits, Preset, Task, resolve_settings
 
 
 def test_presets_per_task():

@@ -12,8 +12,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 from transformers import AutoModelForImageTextToText, AutoProcessor, Blip2ForImageTextRetrieval
 
-from blip_app import tiny
-from blip_app.tiny import FAMILIES, IMAGE_TOKEN, make_tiny_checkpoint, make_tiny_retrieval_checkpoint
+from blip_app.devtools import tiny
+from blip_app.devtools.tiny import FAMILIES, IMAGE_TOKEN, make_tiny_checkpoint, make_tiny_retrieval_checkpoint
 
 ENGLISH = "A photo of a cat, 2 dogs; what's that?"
 MORE_ENGLISH = [
@@ -80,7 +80,7 @@ EXPECTED_CLASSES = {
 
 
 def test_coco_variant_has_the_coco_image_size(tmp_path):
-    from blip_app.tiny import make_tiny_checkpoint as make
+    from blip_app.devtools.tiny import make_tiny_checkpoint as make
 
     path = make(tmp_path / "coco", "blip2-flan-t5", coco=True)
     model = AutoModelForImageTextToText.from_pretrained(path)
@@ -332,7 +332,7 @@ def test_legacy_layout_reloads_without_image_token(tiny_legacy_checkpoints, fami
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_legacy_checkpoints_fail_in_transformers_as_documented(tiny_legacy_checkpoints, red, family):
-    """Pins the failure modes the engine has to repair (see the module docstring of blip_app.tiny)."""
+    """Pins the failure modes the engine has to repair (see the module docstring of blip_app.devtools.tiny)."""
     path = tiny_legacy_checkpoints[family]
     model = AutoModelForImageTextToText.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
@@ -393,9 +393,9 @@ def test_retrieval_checkpoint_scores_image_text_pairs(tmp_path, red, noise):
 
 
 def test_command_line_writes_all_families_and_retrieval(tmp_path, caplog):
-    caplog.set_level("INFO", logger="blip_app.tiny")
+    caplog.set_level("INFO", logger="blip_app.devtools.tiny")
     assert tiny.main([str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*FAMILIES, "retrieval"])
-    lines = [r.getMessage() for r in caplog.records if r.name == "blip_app.tiny"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "blip_app.devtools.tiny"]
     for family in FAMILIES:
         assert sum(f"tiny {family} checkpoint" in line for line in lines) == 1

@@ -135,7 +135,7 @@ def test_the_server_still_answers_after_errors(client: Client, image: dict, mode
 
 
 def test_text_for_people_is_made_inert() -> None:
-    from blip_app.ui import inert
+    from blip_app.web.ui import inert
 
     shown = inert("<img src=x onerror=alert(1)> ![a](http://x/a.png) [l](javascript:x) www.a.com $$x$$ `c`")
     assert "<" not in shown.replace("\\<", "")
@@ -145,8 +145,8 @@ def test_text_for_people_is_made_inert() -> None:
 
 
 def test_untouched_sliders_leave_the_preset_in_charge() -> None:
-    from blip_app.settings import Preset, Task, preset_settings
-    from blip_app.ui import split_settings
+    from blip_app.core.settings import Preset, Task, preset_settings
+    from blip_app.web.ui import split_settings
 
     defaults = preset_settings(Task.CHAT, Preset.FAST)
     untouched = {"preset": "fast", "num_beams": defaults.num_beams, "max_new_tokens": defaults.max_new_tokens}
@@ -168,9 +168,9 @@ def _no_progress(*args, **kwargs) -> None:
 
 @pytest.fixture()
 def handlers(app: RunningApp):
-    from blip_app.images import ImageLimits
-    from blip_app.ratelimit import RateLimiter
-    from blip_app.ui import Handlers
+    from blip_app.core.images import ImageLimits
+    from blip_app.web.ratelimit import RateLimiter
+    from blip_app.web.ui import Handlers
 
     return Handlers(app.service, ImageLimits(), RateLimiter(0))
 
@@ -188,7 +188,7 @@ def uploaded(tmp_path: Path) -> dict:
 
 
 def _conversation(uploaded: dict, turns: list[list[str]]) -> dict:
-    from blip_app.images import image_digest, load_image
+    from blip_app.core.images import image_digest, load_image
 
     return {"image": image_digest(load_image(uploaded["path"])), "turns": turns}
 
@@ -209,7 +209,7 @@ def test_the_chat_says_when_older_turns_were_dropped(handlers, uploaded: dict, m
 
 
 def test_stop_before_the_answer_keeps_the_history(handlers, uploaded: dict, models: list[str]) -> None:
-    from blip_app.settings import Task
+    from blip_app.core.settings import Task
 
     chat = _conversation(uploaded, [["hi", "hello"]])
     views = handlers.chat_send("What is it?", chat, uploaded, models[0], _Session(), _no_progress, preset="fast")

@@ -28,7 +28,7 @@ ENDPOINTS = {"/caption", "/answer", "/chat", "/models", "/trust", "/search", "/e
 
 @pytest.fixture(scope="module")
 def tiny_retrieval(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from blip_app.tiny import make_tiny_retrieval_checkpoint
+    from blip_app.devtools.tiny import make_tiny_retrieval_checkpoint
 
     return str(make_tiny_retrieval_checkpoint(tmp_path_factory.mktemp("retrieval") / "itm"))
 
@@ -61,7 +61,7 @@ def refused(client: Client, *args, api_name: str, **kwargs) -> str:
 
 def test_the_trust_options(monkeypatch: pytest.MonkeyPatch) -> None:
     from blip_app.config import DEFAULT_TRUST_MODEL, parse_config
-    from blip_app.retrieval import DEFAULT_RETRIEVAL_MODEL
+    from blip_app.models.retrieval import DEFAULT_RETRIEVAL_MODEL
 
     monkeypatch.delenv("BLIP_APP_TRUST_MODEL", raising=False)
     monkeypatch.delenv("BLIP_APP_TRUST", raising=False)
@@ -80,18 +80,21 @@ def test_the_trust_options(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_constants_written_out_in_ui_extra_agree_with_their_modules() -> None:
-    from blip_app import compare, retrieval, ui_extra
+    from blip_app.models import retrieval
+    from blip_app.tasks import compare
+    from blip_app.web import common as web_common
+    from blip_app.web import tools as web_tools
 
-    assert ui_extra.MATCHING_FAMILY == retrieval.RetrievalFamily.BLIP2_ITM.value
-    assert ui_extra.MATCHING_ARCHITECTURE == retrieval.RETRIEVAL_ARCHITECTURE
-    assert ui_extra.SEARCH_LIMIT == retrieval.MAX_SEARCH_IMAGES
-    assert ui_extra.SEARCH_TEXT_CHARS == retrieval.MAX_TEXT_CHARS
-    assert ui_extra.COMPARE_LIMIT == compare.MAX_MODELS
+    assert web_common.MATCHING_FAMILY == retrieval.RetrievalFamily.BLIP2_ITM.value
+    assert web_common.MATCHING_ARCHITECTURE == retrieval.RETRIEVAL_ARCHITECTURE
+    assert web_tools.SEARCH_LIMIT == retrieval.MAX_SEARCH_IMAGES
+    assert web_tools.SEARCH_TEXT_CHARS == retrieval.MAX_TEXT_CHARS
+    assert web_tools.COMPARE_LIMIT == compare.MAX_MODELS
 
 
 def test_the_picker_leaves_out_the_matching_model_by_catalog_name_or_config() -> None:
-    from blip_app.service import Service
-    from blip_app.ui import captioning_states
+    from blip_app.tasks.service import Service
+    from blip_app.web.ui import captioning_states
 
     service = Service(["blip2-opt-2.7b", "blip2-itm-vit-g"])  # nothing is loaded or downloaded
     assert [s.name for s in captioning_states(service)] == ["blip2-opt-2.7b"]
@@ -118,8 +121,8 @@ def test_models_lists_only_the_captioning_models(client: Client, models: list[st
 
 
 def test_trust_gives_the_matching_heads_probability(client: Client, app: RunningApp, tiny_retrieval: str) -> None:
-    from blip_app.images import load_image
-    from blip_app.retrieval import confidence_label, trust_score
+    from blip_app.core.images import load_image
+    from blip_app.models.retrieval import confidence_label, trust_score
 
     result = client.predict(handle_file(EXAMPLES / "chelsea.jpg"), "a cat with green eyes", api_name="/trust")
     assert set(result) == {"score", "label", "model"}
@@ -137,8 +140,8 @@ def test_trust_refusals(client: Client, models: list[str]) -> None:
 
 
 def test_search_ranks_files_and_zips(client: Client, app: RunningApp, tiny_retrieval: str, tmp_path: Path) -> None:
-    from blip_app.images import load_image
-    from blip_app.retrieval import search
+    from blip_app.core.images import load_image
+    from blip_app.models.retrieval import search
 
     hits = client.predict([handle_file(EXAMPLES / name) for name in PHOTOS], "a cat", api_name="/search")
     assert sorted(hit["index"] for hit in hits) == [0, 1, 2]
@@ -230,10 +233,10 @@ def extras(app: RunningApp, models: list[str], tiny_retrieval: str):
     import gradio as gr
 
     from blip_app.config import parse_config
-    from blip_app.ratelimit import RateLimiter
-    from blip_app.settings import Task
-    from blip_app.ui import settings_panel
-    from blip_app.ui_extra import Extras
+    from blip_app.core.settings import Task
+    from blip_app.web.ratelimit import RateLimiter
+    from blip_app.web.tools import Extras
+    from blip_app.web.ui import settings_panel
 
     config = parse_config([flag for m in models for flag in ("--model", m)] + ["--trust-model", tiny_retrieval])
     made = Extras(app.service, config, RateLimiter(0))
@@ -246,8 +249,8 @@ def extras(app: RunningApp, models: list[str], tiny_retrieval: str):
 
 
 def test_the_trust_line_shows_words_with_the_number_on_hover(extras, tiny_retrieval: str) -> None:
-    from blip_app.images import load_image
-    from blip_app.retrieval import Trust, trust_score
+    from blip_app.core.images import load_image
+    from blip_app.models.retrieval import Trust, trust_score
 
     line = extras.score_caption(upload(EXAMPLES / "chelsea.jpg"), "a cat [stopped]")
     expected = trust_score(extras.service, tiny_retrieval, load_image(EXAMPLES / "chelsea.jpg"), "a cat")
@@ -258,16 +261,16 @@ def test_the_trust_line_shows_words_with_the_number_on_hover(extras, tiny_retrie
     assert extras.score_caption(upload(EXAMPLES / "chelsea.jpg"), "thinking…") == ""
     assert extras.score_caption(None, "a cat") == ""
     hostile = Trust(0.9, "very likely", '"><img src=x onerror=alert(1)>')
-    from blip_app.ui_extra import trust_html
+    from blip_app.web.tools import trust_html
 
     assert "<img" not in trust_html(hostile) and "&lt;img" in trust_html(hostile)
 
 
 def test_a_trust_model_that_cannot_load_leaves_a_quiet_note(models: list[str]) -> None:
     from blip_app.config import parse_config
-    from blip_app.ratelimit import RateLimiter
-    from blip_app.service import Service
-    from blip_app.ui_extra import Extras
+    from blip_app.tasks.service import Service
+    from blip_app.web.ratelimit import RateLimiter
+    from blip_app.web.tools import Extras
 
     config = parse_config(["--model", models[0], "--offline"])  # the default trust model: not in any cache
     extras = Extras(Service(config.offered_models, config.load), config, RateLimiter(0))
@@ -276,7 +279,7 @@ def test_a_trust_model_that_cannot_load_leaves_a_quiet_note(models: list[str]) -
 
 
 def test_shown_reply_drops_the_marks_the_page_adds() -> None:
-    from blip_app.ui_extra import shown_reply
+    from blip_app.web.tools import shown_reply
 
     assert shown_reply("a cat [stopped]") == "a cat"
     assert shown_reply("a cat [cut short at the time limit]") == "a cat"
@@ -285,7 +288,7 @@ def test_shown_reply_drops_the_marks_the_page_adds() -> None:
 
 
 def test_search_handler_ranks_the_uploads(extras) -> None:
-    from blip_app.ui import inert
+    from blip_app.web.ui import inert
 
     files = [upload(EXAMPLES / name) for name in PHOTOS]
     gallery, summary = extras.run_search(files, "a cat <b>now</b>", _Session(), _no_progress)
@@ -307,7 +310,7 @@ def _batch_zip() -> bytes:
 
 
 def test_batch_reports_each_bad_member_in_its_row_and_records_model_and_settings(extras, models: list[str]) -> None:
-    from blip_app.settings import SETTING_NAMES
+    from blip_app.core.settings import SETTING_NAMES
 
     files = [upload(EXAMPLES / "rocket.jpg"), upload(Path("photos.zip"), _batch_zip())]
     views = list(extras.run_batch(files, models[0], "short", _Session(), _no_progress, preset="fast",
@@ -348,14 +351,14 @@ def test_batch_refuses_too_many_images_before_loading_anything(extras, models: l
 
 
 def _digest(path: Path) -> str:
-    from blip_app.images import image_digest, load_image
+    from blip_app.core.images import image_digest, load_image
 
     return image_digest(load_image(path))
 
 
 def test_export_then_import_continues_the_conversation(extras, models: list[str]) -> None:
-    from blip_app.exports import conversation_from_json
-    from blip_app.ui import inert
+    from blip_app.tasks.exports import conversation_from_json
+    from blip_app.web.ui import inert
 
     digest = _digest(EXAMPLES / "chelsea.jpg")
     chat = {"image": digest, "turns": [["What is it?", "a cat"], ["Its colour?", "tabby <b>brown</b>"]]}

@@ -1,6 +1,6 @@
 """The page and the API beyond the demos: trust scores, search, batch captioning, side by side, chat files.
 
-:func:`blip_app.ui.build_ui` calls in here in a few lines: :func:`add_extra_api` registers ``/trust``,
+:func:`blip_app.web.ui.build_ui` calls in here in a few lines: :func:`add_extra_api` registers ``/trust``,
 ``/search`` and ``/embed`` next to ui.py's endpoints, and :class:`Extras` builds
 
 - the **trust line** under the Caption and Ask outputs: "Confidence: likely", the image-text match
@@ -25,7 +25,6 @@ The modules that import torch (retrieval, compare) are imported inside the funct
 """
 
 import html
-import json
 import logging
 import shutil
 import tempfile
@@ -41,10 +40,13 @@ import gradio as gr
 import spaces
 from gradio.data_classes import FileData
 
-from .batch import BatchItem, BatchResult, iter_images
-from .config import AppConfig
-from .errors import BadImageError, BadInputError, BlipAppError, user_message
-from .exports import (
+from blip_app.config import AppConfig
+from blip_app.core.images import ImageLimits, load_image
+from blip_app.core.settings import Limits, Preset, Task, resolve_settings
+from blip_app.errors import BadImageError, BadInputError, BlipAppError, user_message
+from blip_app.models.manager import ModelState
+from blip_app.tasks.batch import BatchItem, BatchResult, iter_images
+from blip_app.tasks.exports import (
     batch_to_csv,
     batch_to_jsonl,
     card_for,
@@ -54,12 +56,10 @@ from .exports import (
     export_filename,
     save_text,
 )
-from .images import ImageLimits, load_image
-from .manager import ModelState
-from .ratelimit import RateLimiter
-from .service import Service, clean_message
-from .settings import Limits, Preset, Task, resolve_settings
-from .ui import (
+from blip_app.tasks.service import Service, clean_message
+from blip_app.web.common import captioning_only, is_matching_model
+from blip_app.web.ratelimit import RateLimiter
+from blip_app.web.ui import (
     _STOP,
     CURSOR,
     DECODE,
@@ -84,10 +84,7 @@ from .ui import (
 
 log = logging.getLogger(__name__)
 
-# retrieval.RetrievalFamily.BLIP2_ITM and retrieval.RETRIEVAL_ARCHITECTURE, written out because retrieval
-# imports torch (tests/test_ui_extra.py checks that they agree), like the two limits below.
-MATCHING_FAMILY = "blip2-itm"
-MATCHING_ARCHITECTURE = "Blip2ForImageTextRetrieval"
+# Limits written out because the modules that hold them import torch (tests/test_ui_extra.py checks them).
 SEARCH_LIMIT = 100  # retrieval.MAX_SEARCH_IMAGES
 COMPARE_LIMIT = 3  # compare.MAX_MODELS
 SEARCH_TEXT_CHARS = 2000  # retrieval.MAX_TEXT_CHARS
@@ -133,44 +130,6 @@ CARD_CSS = TRUST_CSS + """
 
 # --------------------------------------------------------------------------------------------------
 # Which offered models caption: the image-text matching model is offered too, but not in the picker.
-
-
-def is_matching_model(service: Service, name: str) -> bool:
-    """Whether the offered model ``name`` is an image-text matching one (it scores, it cannot caption).
-
-    A catalog entry says so by its family; a checkpoint folder or a downloaded hub checkpoint by the
-    ``architectures`` of its config.json (read from disk, never downloaded).
-    """
-    try:
-        ref = service.manager.ref(name)
-    except BlipAppError:
-        return False
-    family = getattr(getattr(ref.entry, "family", None), "value", None)
-    if family is not None:
-        return family == MATCHING_FAMILY
-    config = Path(ref.source) / "config.json" if ref.is_local else _cached_config(ref.source, service)
-    if config is None:
-        return False
-    try:
-        architectures = json.loads(Path(config).read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return False
-    return MATCHING_ARCHITECTURE in architectures
-
-
-def _cached_config(repo_id: str, service: Service) -> str | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(repo_id, "config.json", cache_dir=service.manager.options.cache_dir)
-    except Exception:  # noqa: BLE001 - not a repository id the cache knows
-        return None
-    return path if isinstance(path, str) else None
-
-
-def captioning_only(service: Service, states: Sequence[ModelState]) -> list[ModelState]:
-    """``states`` without the image-text matching models."""
-    return [state for state in states if not is_matching_model(service, state.name)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,7 +382,7 @@ def add_extra_api(service: Service, config: AppConfig, limiter: RateLimiter) -> 
         "very likely" (>= 0.8), "likely" (>= 0.5), "uncertain" (>= 0.2) or "unlikely". For an answer,
         send the question and the answer together ("What is the cat doing? sleeping").
         """
-        from .retrieval import trust_score
+        from blip_app.models.retrieval import trust_score
 
         try:
             limiter.check(client_key(request))
@@ -439,7 +398,7 @@ def add_extra_api(service: Service, config: AppConfig, limiter: RateLimiter) -> 
         Each entry: {index (position among the images given), name, score (match probability), label,
         similarity (contrastive cosine)}.
         """
-        from .retrieval import search as rank
+        from blip_app.models.retrieval import search as rank
 
         try:
             limiter.check(client_key(request))
@@ -468,7 +427,7 @@ def add_extra_api(service: Service, config: AppConfig, limiter: RateLimiter) -> 
         search uses), qformer, qformer-text and image. With a captioning model: image, qformer, text.
         Each entry: {kind, description, model, input, shape, norm, pooling, vector}; rows too if full.
         """
-        from .retrieval import embed as features
+        from blip_app.models.retrieval import embed as features
 
         try:
             limiter.check(client_key(request))
@@ -516,7 +475,7 @@ class Extras:
         self._resume: tuple[list[Any], list[Any]] | None = None  # inputs and outputs of chat_resume
 
     def picture(self, value: Any) -> Any:
-        """The uploaded image, decoded by blip_app.images.load_image (raises BadImageError)."""
+        """The uploaded image, decoded by blip_app.core.images.load_image (raises BadImageError)."""
         return load_image(uploaded_path(value), self.image_limits)
 
     def captioning_models(self) -> list[ModelState]:
@@ -556,7 +515,7 @@ class Extras:
 
     def _score(self, task: Task, image: Any, question: str, text: str, request: gr.Request | None) -> str:
         """The trust line; counted by the rate limit (it decodes the picture and runs the matching model)."""
-        from .retrieval import trust_score, trust_text
+        from blip_app.models.retrieval import trust_score, trust_text
 
         reply = shown_reply(text)
         if not reply or image is None or not self.trust_model:
@@ -576,7 +535,7 @@ class Extras:
     # ---------------------------------------------------------------- chat: export and load
 
     def chat_files(self, chat: Mapping[str, Any], image: Any, model: Any, status: Any) -> None:
-        """The chat tab's 'Export or load' accordion. ``chat`` is what ui._chat_tab returns."""
+        """The chat tab's 'Export or load' accordion. ``chat`` is what ui.chat_tab returns."""
         state, settings = chat["state"], chat["settings"]
         pending = gr.State(None)  # a loaded conversation waiting for its picture
         with gr.Accordion("Export or load this conversation", open=False, elem_id="chat-files"):
@@ -753,7 +712,7 @@ class Extras:
     def run_search(self, files: Any, query: str, request: gr.Request,
                    progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple[Any, Any]:
         """Event: rank the uploaded images by the query; a gallery with rank, name, label and score."""
-        from .retrieval import search
+        from blip_app.models.retrieval import search
 
         try:
             self.limiter.check(client_key(request))
@@ -828,7 +787,7 @@ class Extras:
     def run_batch(self, files: Any, model: str, style: str, request: gr.Request,
                   progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> Iterator[tuple[Any, ...]]:
         """Event: caption every uploaded image, the table filling as captions arrive; then the downloads."""
-        from .batch import caption_many
+        from blip_app.tasks.batch import caption_many
 
         session = _session(request)
         idle = (gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Button(visible=True), gr.Button(visible=False))
@@ -927,7 +886,7 @@ class Extras:
     def run_compare(self, models: list[str], task: str, question: str, preset: str, image: Any,
                     request: gr.Request) -> Iterator[tuple[Any, ...]]:
         """Event: run the models in turn; each column fills as its model finishes, then the trust scores."""
-        from .compare import iter_compare
+        from blip_app.tasks.compare import iter_compare
 
         names = [str(m) for m in (models or [])]
         hidden = tuple(gr.HTML(value="", visible=False) for _ in range(COMPARE_LIMIT))

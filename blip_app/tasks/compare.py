@@ -17,8 +17,8 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import BadImageError, BadInputError, BlipAppError, user_message
-from .settings import Preset, Task
+from blip_app.core.settings import Preset, Task
+from blip_app.errors import BadImageError, BadInputError, BlipAppError, user_message
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _image(image: Any) -> Image.Image:
         raise BadImageError("No image was given. Please upload an image first.")
     if isinstance(image, Image.Image):
         return image
-    from .images import load_image
+    from blip_app.core.images import load_image
 
     return load_image(image)
 
@@ -109,7 +109,7 @@ def iter_compare(
 
 
 def _refuse_matching_model(service: Any, name: str) -> None:
-    from .retrieval import is_retrieval
+    from blip_app.models.retrieval import is_retrieval
 
     if is_retrieval(service.manager.ref(name), service.manager.options):
         raise BadInputError(f"{name} is an image-text matching model; it cannot caption or answer.")
@@ -117,7 +117,7 @@ def _refuse_matching_model(service: Any, name: str) -> None:
 
 def _with_trust(service: Any, trust: str, image: Image.Image, task: Task, question: str,
                 results: list[CompareResult]) -> list[CompareResult]:
-    from .retrieval import trust_scores, trust_text
+    from blip_app.models.retrieval import trust_scores, trust_text
 
     texts = [trust_text(task, question, r.text) if r.text else "" for r in results]
     try:

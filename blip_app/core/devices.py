@@ -1,17 +1,16 @@
 """Load decisions: which device, dtype and quantisation a model gets on this machine.
 
-Pure functions over plain data (torch is imported only to read the hardware), so the decisions are
-tested on a CPU even for GPU paths that cannot run here.
+Pure functions over plain data, so the decisions are tested on a CPU even for GPU paths that cannot
+run here; the hardware itself is read by blip_app.models.hardware (torch).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .catalog import LanguageModel
-from .errors import ModelLoadError
+from blip_app.core.catalog import LanguageModel
+from blip_app.errors import ModelLoadError
 
 PRECISIONS = ("auto", "float32", "float16", "bfloat16")
 QUANTIZATIONS = ("none", "8bit", "4bit", "int8-cpu")
@@ -27,7 +26,7 @@ class LoadOptions:
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     precision: str = "auto"  # auto, float32, float16, bfloat16
     quantization: str = "none"  # none, 8bit, 4bit (bitsandbytes), int8-cpu (torch, CPU only)
-    cpu_speedups: bool = True  # on a CPU: weights resident in RAM, packed bfloat16 kernels (blip_app.speed)
+    cpu_speedups: bool = True  # on a CPU: weights resident in RAM, packed bfloat16 kernels (blip_app.models.speed)
     revision: str | None = None
     local_files_only: bool = False
     cache_dir: str | None = None
@@ -41,32 +40,6 @@ class Hardware:
     cuda_bf16: bool
     cpu_bf16: bool
     cuda_name: str = ""
-
-
-def _cpu_supports_bf16() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def detect_hardware() -> Hardware:
-    """Read the CUDA and CPU capabilities that decide precision."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    return Hardware(
-        cuda=cuda,
-        cuda_bf16=bool(cuda and torch.cuda.is_bf16_supported()),
-        cpu_bf16=_cpu_supports_bf16(),
-        cuda_name=torch.cuda.get_device_name(0) if cuda else "",
-    )
 
 
 @dataclass(frozen=True)
@@ -91,7 +64,7 @@ def plan_load(language_model: LanguageModel, options: LoadOptions, hardware: Har
     GPU: float16 for OPT and Vicuna, bfloat16 for Flan-T5 (float16 makes Flan-T5 output garbage; without
     bfloat16 support it runs in float32). CPU: bfloat16 where the processor has bfloat16 instructions,
     else float32. 8-bit and 4-bit go through bitsandbytes with an accelerate device map; int8-cpu (torch's
-    dynamic int8, applied after loading by :mod:`blip_app.speed`) only on a CPU.
+    dynamic int8, applied after loading by :mod:`blip_app.models.speed`) only on a CPU.
     """
     notes: list[str] = []
     if options.precision not in PRECISIONS:

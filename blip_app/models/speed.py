@@ -3,7 +3,7 @@
 Numbers below are for blip2-opt-2.7b at its real size (random bfloat16 weights, 3.74 B parameters, the
 language model's 5.30 GB read once per decode step) on the 2-core AVX-512-bf16 machine of
 /work/shared/STACK.md, two threads, batch 1, unless a docstring says otherwise. They were taken with
-``python -m blip_app.speed`` (:func:`main`), which prints the same table for any checkpoint.
+``python -m blip_app.devtools.speed``, which prints the same table for any checkpoint.
 
 What a decode step costs is reading the language model's weights: what matters is how fast the
 matrix-vector products stream them from memory. Three things decide that here:
@@ -342,7 +342,7 @@ def pack_linears(module: nn.Module, *, batch_hint: int = 1, skip: Callable[[str]
 
     Measured, blip2-opt-2.7b, 2 threads, huge pages on: the six matrices of 8 OPT layers (1.26 GB) per
     call: one row 56.5 ms dense -> 19.2 ms packed (22 -> 66 GB/s); 44 rows 112 -> 74 ms. A decode step
-    of the whole model: see :func:`main` / docs/bench-opt-2.7b.md.
+    of the whole model: see blip_app.devtools.speed / docs/bench-opt-2.7b.md.
     """
     if not packing_supported():
         return 0
@@ -598,90 +598,7 @@ def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool =
 
 
 # --------------------------------------------------------------------------------------------------
-# Measuring
-
-
-def measure_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> dict[str, float]:
-    """Memory read bandwidth in GB/s: the best of several read-only reductions over a large buffer.
-
-    A single reduction can be compute-bound (a bfloat16 ``amax`` reads at 24 GB/s here where a float64
-    ``sum`` reads at 48-82), so the floor uses the best of all. The buffer gets huge pages when the
-    kernel allows it. Returns ``{"best": ..., "<kernel>": ...}``.
-    """
-    nbytes = int(gigabytes * 1e9) // 8 * 8
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
-    advise_huge_pages(buffer)
-    buffer.fill_(1)
-    kernels: dict[str, Callable[[], Any]] = {
-        "sum_float64": lambda: buffer.view(torch.float64).sum(),
-        "sum_float32": lambda: buffer.view(torch.float32).sum(),
-        "amax_float32": lambda: buffer.view(torch.float32).amax(),
-        "sum_bfloat16": lambda: buffer.view(torch.bfloat16).sum(),
-    }
-    results: dict[str, float] = {}
-    for name, kernel in kernels.items():
-        kernel()
-        best = min(_timed(kernel) for _ in range(repeats))
-        results[name] = nbytes / best / 1e9
-    results["best"] = max(results.values())
-    buffer = None  # noqa: F841 - freed now, not when the kernels' closures go
-    return results
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def language_model_bytes(model: nn.Module) -> int:
-    """Bytes a decode step reads: the language model's weights (a tied matrix once, packed ones included)."""
-    language_model = getattr(model, "language_model", model)
-    return sum(t.numel() * t.element_size() for _, _, t, _ in _named_tensors(language_model)
-               if t.dtype.is_floating_point or t.dtype in (torch.int8, torch.qint8)) + _quantized_bytes(language_model)
-
-
-def decode_bytes(model: nn.Module) -> int:
-    """Bytes one decode step must read: :func:`language_model_bytes` without the input-embedding tables
-    (a step looks up one row of each) unless an output layer reads the same tensor (a tied ``lm_head``).
-    For an int8 model, the int8 weights (and the float32 embeddings it keeps are not counted)."""
-    language_model = getattr(model, "language_model", model)
-    read_by_outputs = {id(m.weight) for m in language_model.modules() if type(m) is nn.Linear}
-    total = language_model_bytes(model)
-    seen: set[int] = set()
-    for module in language_model.modules():
-        if isinstance(module, nn.Embedding) and id(module.weight) not in read_by_outputs | seen:
-            seen.add(id(module.weight))
-            total -= module.weight.numel() * module.weight.element_size()
-    return total
-
-
-def _quantized_bytes(module: nn.Module) -> int:
-    total = 0
-    for sub in module.modules():
-        packed = getattr(sub, "_packed_params", None)
-        if packed is not None:
-            with contextlib.suppress(Exception):
-                weight, bias = packed._weight_bias()
-                total += weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * 4)
-    return total
-
-
-class StepTimer:
-    """A ``generate`` streamer that records when each token arrives (the first call carries the prompt)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: Any) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-    def intervals(self) -> list[float]:
-        """Seconds of each decode step: between consecutive new tokens (the prefill is not counted)."""
-        return [b - a for a, b in zip(self.times[1:], self.times[2:])]
+# Measuring (what the engine times at load; the measuring tools are blip_app.devtools.speed)
 
 
 def median(values: Iterable[float]) -> float:
@@ -690,154 +607,3 @@ def median(values: Iterable[float]) -> float:
         return float("nan")
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
-@torch.inference_mode()
-def decode_seconds_per_token(model: nn.Module, *, prompt_tokens: int = 44, new_tokens: int = 16,
-                             repeats: int = 2) -> float:
-    """Seconds per decode step of the language model's ``generate`` (greedy, batch 1, dynamic cache).
-
-    The median interval between consecutive new tokens (so neither the prefill nor a stray pause of
-    another process counts), best of ``repeats`` runs.
-    """
-    language_model = getattr(model, "language_model", model)
-    embed = language_model.get_input_embeddings()
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, min(embed.num_embeddings, 1000), (1, prompt_tokens), generator=generator)
-    inputs = {"inputs_embeds": embed(ids), "attention_mask": torch.ones_like(ids)}
-    if not getattr(language_model.config, "is_encoder_decoder", False):
-        inputs["input_ids"] = ids
-    best = float("inf")
-    for _ in range(repeats):
-        timer = StepTimer()
-        language_model.generate(**inputs, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
-                                do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None, streamer=timer)
-        best = min(best, median(timer.intervals()))
-    return best
-
-
-def _cpu_busy_ticks() -> tuple[int, int]:
-    """(busy ticks of all CPUs, ticks of this process) from /proc/stat and /proc/self/stat."""
-    with open("/proc/stat", encoding="ascii") as stat:
-        fields = [int(x) for x in stat.readline().split()[1:]]
-    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
-    with open("/proc/self/stat", encoding="ascii") as own:
-        parts = own.read().rsplit(")", 1)[1].split()
-    return busy, int(parts[11]) + int(parts[12])  # utime + stime
-
-
-class OtherLoad:
-    """Measures how much CPU other processes used while a block ran, as a share of all CPUs.
-
-    Two threads on two cores are very sensitive to a third busy process (an OpenMP region waits for
-    its slowest thread): a decode step measured 0.09 s alone and 0.7-1.1 s beside another job.
-    ``share`` is (busy ticks of the machine - ticks of this process) / (elapsed ticks x CPUs).
-    """
-
-    def __enter__(self) -> OtherLoad:
-        self.share = 0.0
-        try:
-            self._busy, self._own = _cpu_busy_ticks()
-        except (OSError, ValueError, IndexError):
-            self._busy = None
-        self._started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._busy is None:
-            return
-        try:
-            busy, own = _cpu_busy_ticks()
-        except (OSError, ValueError, IndexError):
-            return
-        ticks = os.sysconf("SC_CLK_TCK") * (time.perf_counter() - self._started) * (os.cpu_count() or 1)
-        self.share = max(0.0, ((busy - self._busy) - (own - self._own)) / ticks) if ticks > 0 else 0.0
-
-
-def _rss_gb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 1e9
-
-
-def main(argv: Iterable[str] | None = None) -> int:
-    """``python -m blip_app.speed [FOLDER] [--variants ...]``: decode s/token of each variant, one process.
-
-    Variants run in order on one model object: ``mmap`` (as loaded), ``resident``, ``eager`` (resident
-    + eager attention), ``packed-keephead`` (packed linears but a tied ``lm_head`` left dense),
-    ``packed`` (everything packed), ``packed-eager``; ``int8`` and ``bnb8`` need their own process (they
-    change or reload the model).
-    """
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="python -m blip_app.speed", description=main.__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", nargs="?", default=None, help="folder (default: real-size blip2-opt-2.7b)")
-    parser.add_argument("--variants", default="mmap,resident,eager,packed-keephead,packed,packed-eager")
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--attempts", type=int, default=4, help="retries while other processes load the CPU")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from transformers import AutoModelForImageTextToText
-
-    folder = args.checkpoint
-    if folder is None:
-        from .realsize import build_realsize
-
-        folder = str(build_realsize("blip2-opt-2.7b"))
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bandwidth = measure_bandwidth()
-    results: dict[str, Any] = {"threads": torch.get_num_threads(), "bandwidth_gbs": bandwidth,
-                               "torch_huge_pages": huge_pages_enabled(), "thp_mode": thp_mode(), "variants": {}}
-    if variants == ["bnb8"]:
-        from transformers import BitsAndBytesConfig
-
-        model = AutoModelForImageTextToText.from_pretrained(
-            folder, dtype=torch.bfloat16, device_map={"": "cpu"},
-            quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16)
-    model.eval()
-    floor_bytes = language_model_bytes(model)
-    results["language_model_gb"] = floor_bytes / 1e9
-    results["floor_s"] = floor_bytes / (bandwidth["best"] * 1e9)
-    for variant in variants:
-        started = time.perf_counter()
-        if variant != "mmap" and variant != "bnb8" and "resident" not in applied(model):
-            make_resident(model)
-        if variant == "packed-keephead":
-            pack_linears(model.language_model, skip_tied=True)
-        if variant in ("packed", "packed-eager"):
-            pack_linears(model.language_model)  # packs what is left (a tied lm_head after packed-keephead)
-        if variant == "int8":
-            quantize_int8(model.language_model)
-        set_attention(model.language_model, "eager" if variant.endswith("eager") else "sdpa")
-        prepared = time.perf_counter() - started
-        steps = args.new_tokens if variant != "bnb8" else 2
-        attempts = []
-        for _ in range(1 if variant == "bnb8" else args.attempts):
-            with OtherLoad() as load:
-                seconds = decode_seconds_per_token(model, new_tokens=steps, repeats=1 if variant == "bnb8" else 2)
-            attempts.append((load.share, seconds))
-            if load.share < 0.05:
-                break
-        share, seconds = min(attempts)  # the quietest attempt
-        row = {"s_per_token": round(seconds, 4), "x_floor": round(seconds / results["floor_s"], 2),
-               "other_load": round(share, 3), "attempts": len(attempts),
-               "prepare_s": round(prepared, 1), "rss_gb": round(_rss_gb(), 2),
-               "mapped_gb": round(mapped_bytes(model) / 1e9, 2),
-               "huge_gb": round(anon_huge_page_bytes() / 1e9, 2)}
-        results["variants"][variant] = row
-        print(f"{variant:14} {seconds:.3f} s/token  x{row['x_floor']:.2f} floor  rss {row['rss_gb']:.1f} GB  "
-              f"mapped {row['mapped_gb']:.1f} GB  huge {row['huge_gb']:.1f} GB  others {share:.0%}  "
-              f"(prepared in {prepared:.1f} s)", flush=True)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,11 +17,11 @@ from typing import Any
 
 from PIL import Image
 
-from .devices import LoadOptions
-from .errors import BadImageError, BadInputError
-from .manager import ModelManager, ModelState
-from .prompts import Turn, clean_text
-from .settings import Limits, Preset, Task, resolve_settings
+from blip_app.core.devices import LoadOptions
+from blip_app.core.prompts import Turn, clean_text
+from blip_app.core.settings import Limits, Preset, Task, resolve_settings
+from blip_app.errors import BadImageError, BadInputError
+from blip_app.models.manager import ModelManager, ModelState
 
 # A conversation's turns kept at most: more than any context holds (a formatted turn takes at least
 # about 7 tokens, and the largest context 2,048).
@@ -210,7 +210,7 @@ def _checked(image: Any) -> Image.Image:
     if image is None:
         raise BadImageError("No image was given. Please upload an image first.")
     if not isinstance(image, Image.Image):
-        from .images import load_image
+        from blip_app.core.images import load_image
 
         return load_image(image)
     return image

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 from typing import Any
 
-from .catalog import Family, LanguageModel
-from .errors import SettingsError
+from blip_app.core.catalog import Family, LanguageModel
+from blip_app.errors import SettingsError
 
 
 class Task(str, Enum):

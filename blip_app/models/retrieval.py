@@ -46,9 +46,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .catalog import BYTES_PER_PARAM, CatalogEntry, Family, LanguageModel, ModelRef, resolve
-from .devices import Hardware, LoadOptions, LoadPlan, detect_hardware, plan_load
-from .engine import (
+from blip_app.core.catalog import BYTES_PER_PARAM, CatalogEntry, Family, LanguageModel, ModelRef, resolve
+from blip_app.core.devices import Hardware, LoadOptions, LoadPlan, plan_load
+from blip_app.core.prompts import clean_text
+from blip_app.core.settings import Task
+from blip_app.errors import BadInputError, BusyError, GenerationError, UnsupportedCheckpointError
+from blip_app.models.engine import (
     DEVICE_LOCKS,
     DTYPES,
     FeatureCache,
@@ -57,9 +60,7 @@ from .engine import (
     explain_load_error,
     image_key,
 )
-from .errors import BadInputError, BusyError, GenerationError, UnsupportedCheckpointError
-from .prompts import clean_text
-from .settings import Task
+from blip_app.models.hardware import detect_hardware
 
 log = logging.getLogger(__name__)
 
@@ -638,12 +639,12 @@ def _manager(service_or_manager: Any) -> Any:
 
 def _image(source: Any) -> Image.Image:
     if source is None:
-        from .errors import BadImageError
+        from blip_app.errors import BadImageError
 
         raise BadImageError("No image was given. Please upload an image first.")
     if isinstance(source, Image.Image):
         return source
-    from .images import load_image
+    from blip_app.core.images import load_image
 
     return load_image(source)
 

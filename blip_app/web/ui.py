@@ -1,6 +1,6 @@
 """The web app: caption, question answering and chat about one image, on BLIP-2 and InstructBLIP.
 
-With blip_app/ui_extra.py, the only modules that import gradio. :func:`build_ui` builds the page and the
+With blip_app/web_tools.py, the only modules that import gradio. :func:`build_ui` builds the page and the
 API endpoints for scripts (``/caption``, ``/answer``, ``/chat``, ``/models`` here; ``/trust``, ``/search``,
 ``/embed`` and the Compare, Search and Batch tabs in ui_extra); :func:`launch` starts the server. The
 Service validates every request, picks the model and runs it; nothing here branches on a model family.
@@ -11,7 +11,7 @@ How this module keeps its promises:
   Pillow plugin even for ``type="filepath"`` (gradio/image_utils.py, ``preprocess_image``), so every
   event that takes the image runs with ``preprocess=False``: the handler receives the upload's file
   record, whose path gradio has checked to lie in its upload folder, checks that again, and hands the
-  path to :func:`blip_app.images.load_image` (allow-list, size limits).
+  path to :func:`blip_app.core.images.load_image` (allow-list, size limits).
 - **Text is inert.** gradio renders Chatbot messages as Markdown and then as (sanitised) HTML, which still
   lets ``<img src=...>``, ``![](url)``, forms and links through; toasts render HTML. Chat text is
   therefore escaped for Markdown (:func:`inert`) and toast sentences for HTML (:func:`_toast_text`).
@@ -43,19 +43,20 @@ import spaces  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
 from gradio.utils import get_upload_folder, is_in_or_equal  # noqa: E402
 
-from .config import AppConfig  # noqa: E402
-from .errors import BadImageError, BadInputError, BlipAppError, CancelledError, user_message  # noqa: E402
-from .images import ImageLimits, image_digest, install_pillow_limits, load_image  # noqa: E402
-from .manager import ModelState  # noqa: E402
-from .ratelimit import RateLimiter  # noqa: E402
-from .service import Service  # noqa: E402
-from .settings import PRESET_HELP, Limits, Preset, Task, preset_settings  # noqa: E402
+from blip_app.config import AppConfig  # noqa: E402
+from blip_app.core.images import ImageLimits, image_digest, install_pillow_limits, load_image  # noqa: E402
+from blip_app.core.settings import PRESET_HELP, Limits, Preset, Task, preset_settings  # noqa: E402
+from blip_app.errors import BadImageError, BadInputError, BlipAppError, CancelledError, user_message  # noqa: E402
+from blip_app.models.manager import ModelState  # noqa: E402
+from blip_app.tasks.service import Service  # noqa: E402
+from blip_app.web.common import captioning_only
+from blip_app.web.ratelimit import RateLimiter  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 TITLE = "Talk with images"
 TAGLINE = "Caption a photo, ask questions about it, or chat about it, with the BLIP-2 and InstructBLIP models."
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"  # the repository's assets/
 
 # On a CPU greedy decoding is the one that streams, so chat starts there; captions and answers use the
 # papers' beam search.
@@ -268,8 +269,6 @@ def model_status(states: Sequence[ModelState], name: str) -> str:
 
 def captioning_states(service: Service) -> list[ModelState]:
     """The offered models that caption and answer (the picker, /models): the image-text matching model is left out."""
-    from .ui_extra import captioning_only  # ui_extra imports this module
-
     return captioning_only(service, service.models())
 
 
@@ -469,7 +468,7 @@ class Handlers:
     # ---------------------------------------------------------------- shared pieces
 
     def picture(self, value: Any) -> Any:
-        """The uploaded image, decoded by blip_app.images.load_image (raises BadImageError)."""
+        """The uploaded image, decoded by blip_app.core.images.load_image (raises BadImageError)."""
         return load_image(uploaded_path(value), self.image_limits)
 
     def models_view(self, model: str) -> tuple[Any, str]:
@@ -839,68 +838,6 @@ def add_api(service: Service, image_limits: ImageLimits, default_model: str, lim
 # The page
 
 
-def _examples(image: Any, message: Any, question: Any) -> None:
-    """A row of example photos; a click loads the photo, a chat opener and a question (prompts stay hidden)."""
-    if not EXAMPLES_DIR.is_dir():
-        return
-    gr.Examples(examples=[[str(EXAMPLES_DIR / e.file), e.opener, e.question] for e in EXAMPLES],
-                inputs=[image, message, question], visible_columns=[0], label="Examples: click one to load it",
-                examples_per_page=len(EXAMPLES), cache_examples=False, api_visibility="private")
-
-
-def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
-    """The whole app as a gr.Blocks (nothing is loaded or launched here)."""
-    from . import ui_extra  # it imports this module
-
-    limiter = RateLimiter(config.rate_limit_per_minute)
-    handlers = Handlers(service, config.image_limits, limiter)
-    extras = ui_extra.Extras(service, config, limiter)  # trust lines, chat files, Search, Batch, Compare
-    states = captioning_states(service)
-    ages = config.delete_uploads_after_s
-    with gr.Blocks(title=f"{TITLE} · BLIP-2 and InstructBLIP", analytics_enabled=False, fill_width=True,
-                   delete_cache=(min(ages, 600), ages) if ages > 0 else None) as demo:
-        add_api(service, config.image_limits, config.default_model, limiter)  # first: the API owns its names
-        ui_extra.add_extra_api(service, config, limiter)  # /trust, /search, /embed
-        gr.Markdown(f"# {TITLE}\n{TAGLINE}", elem_id="header")
-        with gr.Row(equal_height=True):
-            model = gr.Dropdown(model_choices(states), value=config.default_model, label="Model", scale=2,
-                                min_width=280, interactive=True, filterable=False, elem_id="model")
-            status = gr.Markdown(model_status(states, config.default_model), elem_id="model-status")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=4, min_width=300) as left:
-                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
-                                 height=400, placeholder="# Upload an image to start\ndrop it here, paste it, "
-                                                         "or pick an example below", buttons=["fullscreen"],
-                                 elem_id="image")
-            with gr.Column(scale=6, min_width=360):
-                with gr.Tabs():
-                    with gr.Tab("Chat", id="chat"):
-                        chat = _chat_tab(handlers, service.limits, image, model, status)
-                        extras.chat_files(chat, image, model, status)
-                    with gr.Tab("Caption", id="caption"):
-                        captioned = _caption_tab(handlers, service.limits, image, model, status, extras)
-                    with gr.Tab("Ask", id="ask"):
-                        ask = _ask_tab(handlers, service.limits, image, model, status, extras)
-                    with gr.Tab("Compare", id="compare"):
-                        extras.compare_tab(image)
-                    if config.trust_model:
-                        with gr.Tab("Search", id="search"):
-                            extras.search_tab()
-                    with gr.Tab("Batch", id="batch"):
-                        extras.batch_tab(model)
-        with left:
-            _examples(image, chat["message"], ask["question"])
-        changed = image.change(handlers.on_image, [image, chat["state"]],
-                               [image, chat["state"], chat["chatbot"], chat["note"], *chat["history_buttons"]],
-                               preprocess=False, **DECODE)
-        extras.after_new_image(changed)  # a loaded conversation goes on once its picture is back
-        model.select(spaces.GPU(handlers.load_model), model, [model, status], show_progress_on=[status], **PRIVATE)
-        demo.load(handlers.refresh_models, model, [model, status], **LIGHT)
-        for event in [*chat["events"], captioned, ask["event"]]:
-            event.then(handlers.refresh_models, model, [model, status], **LIGHT)
-    return demo
-
-
 # Stop must run at once, never queued behind the generation it stops.
 _STOP: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
 
@@ -912,7 +849,7 @@ def _stop_fn(handlers: Handlers, task: Task) -> Any:
     return stop
 
 
-def _chat_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any) -> dict[str, Any]:
+def chat_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any) -> dict[str, Any]:
     state = gr.State(new_chat())
     # Text reaches the Chatbot through inert(): Markdown on (for line breaks), raw HTML, LaTeX, custom tags,
     # copy buttons (they would copy the escapes) and feedback buttons (nothing records them) off.
@@ -952,7 +889,7 @@ def _chat_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status
             "history_buttons": [regenerate, undo, clear], "events": [sent, again], "settings": settings}
 
 
-def _caption_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any, extras: Any = None) -> Any:
+def caption_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any, extras: Any = None) -> Any:
     style = gr.Radio([("Short caption", "short"), ("Detailed description", "detailed")], value="short",
                      label="Style", info="Detailed also switches the decoding preset to 'detailed'.")
     with gr.Row():
@@ -978,7 +915,7 @@ def _caption_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, sta
     return event
 
 
-def _ask_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any,
+def ask_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: Any,
             extras: Any = None) -> dict[str, Any]:
     question = gr.Textbox(label="Question", placeholder="What is the cat doing?", lines=1, max_lines=4,
                           max_length=handlers.service.max_message_chars, elem_id="question")
@@ -1028,7 +965,7 @@ def _stops_when_abandoned(fn: Any) -> Any:
 
     import anyio
 
-    from .service import cancelled_by
+    from blip_app.tasks.service import cancelled_by
 
     @functools.wraps(fn)
     async def run(*args: Any, **kwargs: Any) -> Any:
@@ -1429,8 +1366,9 @@ class Uploads:
             self._thread.start()
 
     def close(self) -> None:
-        """Stop sweeping and delete every partial upload (at shutdown)."""
+        """Stop sweeping and delete every partial upload (when the server closes, and at exit)."""
         self._stop.set()
+        _join(self._thread)
         self.sweep(idle_s=0.0)
 
 
@@ -1491,7 +1429,9 @@ class Sessions:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop expiring sessions (when the server closes, and at exit)."""
         self._stop.set()
+        _join(self._thread)
 
     def sweep(self, demo: Any) -> int:
         """Forget the expired sessions now; returns how many."""
@@ -1541,7 +1481,7 @@ def request_body_limit(config: AppConfig) -> int:
     That is MAX_HISTORY_TURNS turns of a full-length question and answer, plus room for the rest; the
     page's own requests are a few kilobytes (images travel as uploads).
     """
-    from .service import ANSWER_CHARS_FACTOR, MAX_HISTORY_TURNS
+    from blip_app.tasks.service import ANSWER_CHARS_FACTOR, MAX_HISTORY_TURNS
 
     return 1024 * 1024 + MAX_HISTORY_TURNS * config.max_message_chars * (1 + ANSWER_CHARS_FACTOR)
 
@@ -1583,7 +1523,20 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
     demo.blip_app_sessions = sessions  # type: ignore[attr-defined]
     demo.blip_app_uploads = uploads  # type: ignore[attr-defined]
     _clean_at_exit(uploads.close, sessions.stop)
+    close = demo.close
+
+    def close_all(*args: Any, **kwargs: Any) -> Any:  # the sweepers end with the server, not the process
+        uploads.close()
+        sessions.stop()
+        return close(*args, **kwargs)
+
+    demo.close = close_all  # type: ignore[method-assign]
     return url
+
+
+def _join(thread: threading.Thread | None) -> None:
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout=5)
 
 
 def uploads_limiter(per_minute: int) -> RateLimiter:

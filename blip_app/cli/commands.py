@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from .devices import PRECISIONS, LoadOptions
-from .errors import BadInputError
-from .settings import SETTING_NAMES, Preset
+from blip_app.core.devices import PRECISIONS, LoadOptions
+from blip_app.core.settings import SETTING_NAMES, Preset
+from blip_app.errors import BadInputError
 
 _PREVIEW = 6  # values shown per embedding without --json
 
@@ -29,10 +29,10 @@ def _options(args: argparse.Namespace) -> LoadOptions:
 
 def _service(args: argparse.Namespace) -> tuple[Any, str]:
     """A service offering ``args.model`` (retrieval catalog names included) and the name to use with it."""
-    from .errors import UnknownModelError
-    from .manager import ModelManager
-    from .retrieval import find_retrieval_entry, load_model
-    from .service import Service
+    from blip_app.errors import UnknownModelError
+    from blip_app.models.manager import ModelManager
+    from blip_app.models.retrieval import find_retrieval_entry, load_model
+    from blip_app.tasks.service import Service
 
     options = _options(args)
     name = args.model
@@ -53,7 +53,7 @@ def _service(args: argparse.Namespace) -> tuple[Any, str]:
 
 def add_embed_parser(commands: Any) -> argparse.ArgumentParser:
     """Add ``embed IMAGE_OR_TEXT... [--model NAME] [--json]`` to a sub-command set."""
-    from .retrieval import DEFAULT_RETRIEVAL_MODEL
+    from blip_app.models.retrieval import DEFAULT_RETRIEVAL_MODEL
 
     parser = commands.add_parser(
         "embed", help="print the features a model gives for images and texts",
@@ -73,7 +73,7 @@ def add_embed_parser(commands: Any) -> argparse.ArgumentParser:
 
 def _inputs(arguments: list[str]) -> tuple[list[Any], list[str]]:
     """Images (decoded now, so a bad one fails before a model loads) and texts, with their names."""
-    from .images import load_image
+    from blip_app.core.images import load_image
 
     items: list[Any] = []
     for argument in arguments:
@@ -93,7 +93,7 @@ def format_embedding(embedding: Any, *, width: int = 0) -> str:
 
 def cmd_embed(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Print each input's embeddings: kind, dimension, norm and first values; or JSON Lines with --json."""
-    from .retrieval import embed
+    from blip_app.models.retrieval import embed
 
     out = out or sys.stdout
     items, names = _inputs(args.inputs)
@@ -113,7 +113,7 @@ def cmd_embed(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def add_trust_parsers(commands: Any) -> None:
     """Add ``trust IMAGE TEXT`` and ``search QUERY IMAGE_FOLDER_OR_ZIP...`` to a sub-command set."""
-    from .retrieval import DEFAULT_RETRIEVAL_MODEL
+    from blip_app.models.retrieval import DEFAULT_RETRIEVAL_MODEL
 
     for name, helptext in (("trust", "how well a text matches an image (the image-text matching score)"),
                            ("search", "rank images (files, folders, zips) by how well they match a sentence")):
@@ -134,8 +134,8 @@ def add_trust_parsers(commands: Any) -> None:
 
 def cmd_trust(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Print the match probability of TEXT for IMAGE with its plain-language label."""
-    from .images import load_image
-    from .retrieval import trust_score
+    from blip_app.core.images import load_image
+    from blip_app.models.retrieval import trust_score
 
     out = out or sys.stdout
     image = load_image(args.image)
@@ -151,8 +151,8 @@ def cmd_trust(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def cmd_search(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Print the images ranked by how well they match QUERY, best first."""
-    from .batch import iter_images
-    from .retrieval import search
+    from blip_app.models.retrieval import search
+    from blip_app.tasks.batch import iter_images
 
     out = out or sys.stdout
     items = list(iter_images(args.images))
@@ -164,7 +164,7 @@ def cmd_search(args: argparse.Namespace, out: TextIO | None = None) -> int:
         images.append(item.load())
         names.append(item.name)
     if not images:
-        from .errors import BadImageError
+        from blip_app.errors import BadImageError
 
         raise BadImageError("No readable image was given to search.")
     service, name = _service(args)
@@ -198,8 +198,8 @@ def cmd_caption(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
     model loads. Images found in folders and archives that fail are reported on stderr and in the
     CSV / JSON Lines files, and the command goes on (exit status 1 at the end).
     """
-    from .batch import BatchItem, caption_many, iter_images
-    from .exports import batch_to_csv, batch_to_jsonl
+    from blip_app.tasks.batch import BatchItem, caption_many, iter_images
+    from blip_app.tasks.exports import batch_to_csv, batch_to_jsonl
 
     out, err = out or sys.stdout, err or sys.stderr
     if args.workers < 1:

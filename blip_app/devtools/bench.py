@@ -7,8 +7,8 @@ Two paths over the same checkpoint, one after the other in one process (never bo
   ``processor(images=..., text=...)`` and ``model.generate`` on the whole prompt: the image is encoded
   again and a chat's whole history is read again on every turn; requests queue one at a time, as in a
   demo with the default queue.
-* **blip_app** — :class:`blip_app.service.Service` (model manager, engine, feature cache, prefix cache,
-  batching of concurrent requests) with the CPU accelerations of :mod:`blip_app.speed` that the engine
+* **blip_app** — :class:`blip_app.tasks.service.Service` (model manager, engine, feature cache, prefix cache,
+  batching of concurrent requests) with the CPU accelerations of :mod:`blip_app.models.speed` that the engine
   applies at load (the JSON lists them; ``--no-speed`` turns them off).
 
 Measured: caption latency (greedy and 5-beam, 20 tokens), a second caption and a question on the same
@@ -19,7 +19,7 @@ model still in memory, load time, peak and resident memory against the weights. 
 forced (``min_new_tokens`` = ``max_new_tokens``), since random weights would otherwise stop anywhere.
 
 ``--model`` takes a catalog name (a random-weight checkpoint at its real size is built once with
-:mod:`blip_app.realsize`, unless the real one is in the Hugging Face cache or ``--real`` asks for it), a
+:mod:`blip_app.devtools.realsize`, unless the real one is in the Hugging Face cache or ``--real`` asks for it), a
 checkpoint folder, or a hub id. Works on a GPU too (``--device cuda``): timings synchronise the device
 and memory is reported from the CUDA allocator as well.
 """
@@ -188,7 +188,7 @@ def _cuda_peak_gb(device: str) -> float | None:
 def _release_memory() -> None:
     gc.collect()
     with contextlib.suppress(Exception):
-        from . import speed
+        from blip_app.models import speed
 
         speed.release_free_memory()
     with contextlib.suppress(Exception):
@@ -279,7 +279,7 @@ def _concurrently(fns: Sequence[Callable[[], Any]]) -> tuple[float, list[Any]]:
 
 def resolve_source(args: argparse.Namespace) -> tuple[str, str]:
     """(source handed to from_pretrained, how it was chosen) for ``--model``."""
-    from .catalog import find_entry
+    from blip_app.core.catalog import find_entry
 
     text = args.model
     path = Path(os.path.expanduser(text))
@@ -290,15 +290,15 @@ def resolve_source(args: argparse.Namespace) -> tuple[str, str]:
         return text, "hub id"
     if args.real:
         return entry.hub_id, "real checkpoint (hub)"
-    from .manager import is_cached
+    from blip_app.models.manager import is_cached
 
     with contextlib.suppress(Exception):
         if is_cached(entry.hub_id):
             return entry.hub_id, "real checkpoint (Hugging Face cache)"
-    from .realsize import build_realsize
+    from blip_app.devtools.realsize import build_realsize
 
     folder = build_realsize(entry, root=args.realsize_dir)
-    return str(folder), f"random weights at the real size of {entry.name} (blip_app.realsize)"
+    return str(folder), f"random weights at the real size of {entry.name} (blip_app.devtools.realsize)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,7 +331,7 @@ class _Blocks:
         out.setdefault("waited_for_quiet_s", 0.0)
 
     def __call__(self, name: str, block: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        from .speed import OtherLoad
+        from blip_app.devtools.speed import OtherLoad
 
         log.info("  %s ...", name)
         runs: list[tuple[float, dict[str, Any]]] = []
@@ -354,7 +354,7 @@ def _quick_bandwidth(device: str) -> float:
     """Memory read bandwidth now (GB/s; a short measurement), for the floor of an adjacent decode measurement."""
     if device.startswith("cuda"):
         return _bandwidth(device, True)["best"]
-    from .speed import measure_bandwidth
+    from blip_app.devtools.speed import measure_bandwidth
 
     return measure_bandwidth(gigabytes=0.5, repeats=3)["best"]
 
@@ -429,7 +429,7 @@ def wait_for_quiet(limit: float, threshold: float = 0.10, sample: float = 0.5) -
     """Wait (at most ``limit`` seconds) until other processes use less than ``threshold`` of the CPUs."""
     if limit <= 0:
         return 0.0
-    from .speed import OtherLoad
+    from blip_app.devtools.speed import OtherLoad
 
     started = time.perf_counter()
     while time.perf_counter() - started < limit:
@@ -446,8 +446,8 @@ def run_baseline(source: str, args: argparse.Namespace, plan: Any, style: Any, i
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from . import prompts
-    from .engine import DTYPES
+    from blip_app.core import prompts
+    from blip_app.models.engine import DTYPES
 
     device, dtype = plan.device, DTYPES[plan.dtype]
     out: dict[str, Any] = {}
@@ -506,7 +506,7 @@ def run_baseline(source: str, args: argparse.Namespace, plan: Any, style: Any, i
 
     block("chat", chat)
 
-    from .speed import decode_bytes
+    from blip_app.devtools.speed import decode_bytes
 
     language_bytes = decode_bytes(model)  # what one decode step reads
 
@@ -599,9 +599,10 @@ def run_blip_app(source: str, args: argparse.Namespace, options: Any, images: _I
     """blip_app's path: Service (manager, engine, feature cache, prefix cache, batching) + speed."""
     import torch
 
-    from . import speed
-    from .service import Service
-    from .settings import Preset, Task
+    from blip_app.core.settings import Preset, Task
+    from blip_app.devtools import speed as speed_tools
+    from blip_app.models import speed
+    from blip_app.tasks.service import Service
 
     out: dict[str, Any] = {}
     block = _Blocks(out, 1 if args.quick else 3, wait_quiet=args.wait_quiet)
@@ -630,7 +631,7 @@ def run_blip_app(source: str, args: argparse.Namespace, options: Any, images: _I
     out["load_s"] = time.perf_counter() - started
     out["rss_after_load_gb"] = _rss_gb()
     features = loaded.features
-    language_bytes = speed.decode_bytes(loaded.model)  # what one decode step reads (int8: its int8 weights)
+    language_bytes = speed_tools.decode_bytes(loaded.model)  # what one decode step reads (int8: its int8 weights)
     out["decode_bytes"] = language_bytes
 
     def checked(reply: Any, expected: int) -> Any:
@@ -763,7 +764,7 @@ def _bandwidth(device: str, quick: bool, gigabytes: float | None = None, wait: f
         clock = _Clock(device)
         best = min(clock(lambda: buffer.sum())[0] for _ in range(5))
         return {"best": buffer.numel() * 4 / best / GB, "sum_float32": buffer.numel() * 4 / best / GB}
-    from .speed import OtherLoad, measure_bandwidth
+    from blip_app.devtools.speed import OtherLoad, measure_bandwidth
 
     best: dict[str, float] = {}
     for _ in range(2 if quick else 6):  # a busy neighbour lowers what two threads can stream: retry
@@ -944,7 +945,7 @@ def _environment(device: str) -> dict[str, Any]:
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
     with contextlib.suppress(Exception):
-        from . import speed
+        from blip_app.models import speed
 
         env["thp_mode"] = speed.thp_mode()
         env["torch_huge_pages"] = speed.huge_pages_enabled()
@@ -957,8 +958,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run both paths, print the table, write JSON / Markdown if asked; return the results."""
     import torch
 
-    from .catalog import PromptStyle, read_kind
-    from .devices import LoadOptions, detect_hardware, plan_load
+    from blip_app.core.catalog import PromptStyle, read_kind
+    from blip_app.core.devices import LoadOptions, plan_load
+    from blip_app.models.hardware import detect_hardware
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -971,11 +973,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from transformers import AutoConfig
 
-        from .catalog import kind_from_config
+        from blip_app.core.catalog import kind_from_config
 
         kind = kind_from_config(AutoConfig.from_pretrained(source).to_dict(), source)
     plan = plan_load(kind.language_model, options, detect_hardware())
-    from .catalog import find_entry
+    from blip_app.core.catalog import find_entry
 
     entry = find_entry(args.model)
     style = entry.prompt_style if entry else (PromptStyle.INSTRUCTBLIP if kind.family.value == "instructblip"
@@ -983,7 +985,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     second = args.second_model
     tmp = None
     if second == "tiny":
-        from .tiny import make_tiny_checkpoint
+        from blip_app.devtools.tiny import make_tiny_checkpoint
 
         tmp = tempfile.TemporaryDirectory(prefix="blip_app-bench-")
         second = str(make_tiny_checkpoint(Path(tmp.name) / "tiny-blip2-opt", "blip2-opt", seed=1))
@@ -992,12 +994,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                               "notes": []}
     started = time.perf_counter()
     bandwidth = _bandwidth(plan.device, args.quick, args.bandwidth_gb, args.wait_quiet)
-    from .engine import DTYPES
+    from blip_app.models.engine import DTYPES
 
     peak = _matmul_peak(plan.device, DTYPES[plan.dtype])
     images = _Images()
     baseline = None
-    from .speed import OtherLoad
+    from blip_app.devtools.speed import OtherLoad
 
     if not args.skip_baseline:
         log.info("baseline: transformers as documented ...")
@@ -1124,7 +1126,7 @@ def _plain(value: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m blip_app.bench ...`` (the same as ``python -m blip_app bench ...``)."""
+    """``python -m blip_app.devtools.bench ...`` (the same as ``python -m blip_app bench ...``)."""
     parser = argparse.ArgumentParser(prog="python -m blip_app bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     parser.add_argument("--verbose", "-v", action="store_true")

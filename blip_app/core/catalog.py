@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .errors import UnknownModelError, UnsupportedCheckpointError
+from blip_app.errors import UnknownModelError, UnsupportedCheckpointError
 
 
 class Family(str, Enum):

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .catalog import BYTES_PER_PARAM, ModelRef, resolve
-from .errors import BusyError, UnknownModelError
+from blip_app.core.catalog import BYTES_PER_PARAM, ModelRef, resolve
+from blip_app.errors import BusyError, UnknownModelError
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class ModelManager:
     # ---------------------------------------------------------------- loading and memory
 
     def _load(self, ref: ModelRef) -> Any:
-        from .retrieval import load_model  # torch is imported only when a model is really loaded
+        from blip_app.models.retrieval import load_model  # torch is imported only when a model is really loaded
 
         loader = self._loader or load_model  # LoadedModel, or RetrievalModel for an image-text matching checkpoint
         started = time.monotonic()
@@ -308,7 +308,7 @@ def resolve_any(name: str) -> ModelRef:
     try:
         return resolve(name)
     except UnknownModelError:
-        from .retrieval import find_retrieval_entry, resolve_model
+        from blip_app.models.retrieval import find_retrieval_entry, resolve_model
 
         if find_retrieval_entry(name) is None:
             raise
@@ -360,7 +360,7 @@ def download(ref: ModelRef, options: Any) -> str:
     """
     from huggingface_hub import snapshot_download
 
-    from .engine import explain_load_error
+    from blip_app.models.engine import explain_load_error
 
     common = {"revision": options.revision, "cache_dir": options.cache_dir,
               "local_files_only": options.local_files_only}

@@ -17,7 +17,7 @@ How it is built quickly (about 20 s plus the write for blip2-opt-2.7b, see /work
    tied parameters (OPT's ``lm_head`` and embeddings) stay tied, Flan-T5's ``lm_head`` is untied as in the
    real checkpoints;
 3. ``save_pretrained`` writes it, with a processor whose tokenizer is the offline one of
-   :mod:`blip_app.tiny`, padded with filler tokens (" w123") up to the real embedding size, so that every
+   :mod:`blip_app.devtools.tiny`, padded with filler tokens (" w123") up to the real embedding size, so that every
    id the model can produce decodes to some text (streaming and time-to-first-token need that), and whose
    image processor has the real 224 px size.
 
@@ -26,7 +26,7 @@ overrides the parent folder) and reused while its ``realsize.json`` matches the 
 :data:`FORMAT_VERSION`. A folder is written under a temporary name and renamed when complete, so an
 interrupted build is never reused.
 
-``python -m blip_app.realsize blip2-opt-2.7b`` builds (or finds) one and prints its folder.
+``python -m blip_app.devtools.realsize blip2-opt-2.7b`` builds (or finds) one and prints its folder.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .catalog import Architecture, CatalogEntry, Family, LanguageModel, find_entry
+from blip_app.core.catalog import Architecture, CatalogEntry, Family, LanguageModel, find_entry
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +226,11 @@ def _pad_vocab(vocab: dict[str, int], target: int, filler: str) -> dict[str, int
 
 
 def _language_tokenizer(language_model: LanguageModel, vocab_size: int, positions: int) -> Any:
-    """The offline tokenizer of blip_app.tiny for this language model, padded so it fills the embeddings.
+    """The offline tokenizer of blip_app.devtools.tiny for this language model, padded so it fills the embeddings.
 
     The processor adds ``<image>`` after the padded vocabulary, so its id is below ``vocab_size``.
     """
-    from . import tiny
+    from blip_app.devtools import tiny
 
     target = vocab_size - _TOKENIZER_SLACK[language_model]
     if language_model is LanguageModel.OPT:
@@ -269,7 +269,7 @@ def _image_processor(image_size: int) -> Any:
     from transformers.image_utils import PILImageResampling
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    from . import tiny
+    from blip_app.devtools import tiny
 
     return BlipImageProcessorPil(size={"height": image_size, "width": image_size},
                                  resample=PILImageResampling.BICUBIC, image_mean=tiny._CLIP_MEAN,
@@ -281,7 +281,7 @@ def build_processor(entry: CatalogEntry, sizes: Sizes) -> Any:
     """A working processor for the checkpoint: padded language tokenizer, real image size, Q-Former tokenizer."""
     from transformers import Blip2Processor, InstructBlipProcessor
 
-    from . import tiny
+    from blip_app.devtools import tiny
 
     tokenizer = _language_tokenizer(entry.language_model, sizes.text.vocab, sizes.text_positions)
     image_processor = _image_processor(sizes.image_size)
@@ -310,7 +310,7 @@ def build_config(entry: CatalogEntry, sizes: Sizes, tokenizer: Any) -> Any:
         T5Config,
     )
 
-    from . import tiny
+    from blip_app.devtools import tiny
 
     arch = sizes.text
     if entry.language_model is LanguageModel.OPT:
@@ -399,7 +399,7 @@ def build_model(entry: CatalogEntry, sizes: Sizes, tokenizer: Any, seed: int = 0
         model.tie_weights()  # on meta: ties lm_head to the embeddings before they get storage
     materialize(model, seed)
     if not config.use_decoder_only_language_model:
-        # Flan-T5 stores its own lm_head (T5Config ties by default in transformers 5; see blip_app.tiny).
+        # Flan-T5 stores its own lm_head (T5Config ties by default in transformers 5; see blip_app.devtools.tiny).
         head = model.language_model.lm_head
         generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)
         bound = WEIGHT_STD * math.sqrt(3.0)
@@ -415,7 +415,7 @@ def build_model(entry: CatalogEntry, sizes: Sizes, tokenizer: Any, seed: int = 0
 
 
 def _write_checkpoint(out: Path, entry: CatalogEntry, sizes: Sizes, seed: int) -> None:
-    from . import tiny
+    from blip_app.devtools import tiny
 
     out.mkdir(parents=True, exist_ok=True)
     processor = build_processor(entry, sizes)
@@ -445,7 +445,7 @@ def parameter_count(folder: str | Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip_app.realsize", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m blip_app.devtools.realsize", description=__doc__.splitlines()[0])
     parser.add_argument("name", help="catalog name, e.g. blip2-opt-2.7b")
     parser.add_argument("--out", type=Path, default=None, help="folder to write (default: the cache)")
     parser.add_argument("--seed", type=int, default=0)

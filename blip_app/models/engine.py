@@ -50,10 +50,11 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from . import prompts
-from .catalog import CheckpointKind, Family, LanguageModel, ModelRef, PromptStyle, kind_from_config
-from .devices import Hardware, LoadOptions, LoadPlan, detect_hardware, plan_load
-from .errors import (
+from blip_app.core import prompts
+from blip_app.core.catalog import CheckpointKind, Family, LanguageModel, ModelRef, PromptStyle, kind_from_config
+from blip_app.core.devices import Hardware, LoadOptions, LoadPlan, plan_load
+from blip_app.core.settings import GenerationSettings, ModelTraits, Task
+from blip_app.errors import (
     BadInputError,
     BusyError,
     CancelledError,
@@ -62,7 +63,7 @@ from .errors import (
     PromptTooLongError,
     UnsupportedCheckpointError,
 )
-from .settings import GenerationSettings, ModelTraits, Task
+from blip_app.models.hardware import detect_hardware
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ QFORMER_MAX_TEXT_TOKENS = 128
 
 def quantization_config(plan: LoadPlan) -> Any:
     """The bitsandbytes config for a plan, or None (as the transformers quantization docs show)."""
-    if plan.quantization in ("none", "int8-cpu"):  # int8-cpu is applied after loading (blip_app.speed)
+    if plan.quantization in ("none", "int8-cpu"):  # int8-cpu is applied after loading (blip_app.models.speed)
         return None
     from transformers import BitsAndBytesConfig
 
@@ -1079,14 +1080,14 @@ class LoadedModel:
 
 
 def speed_up(model: Any, plan: LoadPlan, options: LoadOptions) -> tuple[str, ...]:
-    """On a CPU, what :mod:`blip_app.speed` measured to help: weights resident in RAM, packed or dense
+    """On a CPU, what :mod:`blip_app.models.speed` measured to help: weights resident in RAM, packed or dense
     bfloat16 kernels chosen by timing the model's own layers, eager attention in a decoder-only language
     model (so that prefix reuse is exact); int8 when asked for.
 
     Nothing on a GPU or for bitsandbytes. ``options.cpu_speedups=False`` leaves the model exactly as
     ``from_pretrained`` made it (int8-cpu is still applied: it was asked for). Returns what was applied.
     """
-    from . import speed
+    from blip_app.models import speed
 
     if plan.device != "cpu" or plan.quantization not in ("none", "int8-cpu"):
         return ()

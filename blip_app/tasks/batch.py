@@ -29,9 +29,9 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import BadImageError, BadInputError, BlipAppError, user_message
-from .images import ImageLimits, load_image
-from .settings import GenerationSettings, Preset, Task
+from blip_app.core.images import ImageLimits, load_image
+from blip_app.core.settings import GenerationSettings, Preset, Task
+from blip_app.errors import BadImageError, BadInputError, BlipAppError, user_message
 
 log = logging.getLogger(__name__)
 

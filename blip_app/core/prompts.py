@@ -36,8 +36,8 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .catalog import PromptStyle
-from .errors import BadInputError, PromptTooLongError
+from blip_app.core.catalog import PromptStyle
+from blip_app.errors import BadInputError, PromptTooLongError
 
 INSTRUCT_CAPTION = "A short image caption."  # LAVIS caption evaluation prompt
 INSTRUCT_DETAILED = "Write a detailed description of the image."

@@ -32,10 +32,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import BadInputError, SettingsError
-from .prompts import Turn
-from .settings import SETTING_NAMES, GenerationSettings, Limits, Preset, Task, resolve_settings
+from blip_app import __version__
+from blip_app.core.prompts import Turn
+from blip_app.core.settings import SETTING_NAMES, GenerationSettings, Limits, Preset, Task, resolve_settings
+from blip_app.errors import BadInputError, SettingsError
 
 FORMAT = "blip_app.conversation"
 VERSION = 1
@@ -120,7 +120,7 @@ def card_for(service: Any, model: str, settings: GenerationSettings | Mapping[st
     snapshot's commit for a hub model, else None (a local folder). ``image`` is hashed with
     :func:`images.image_digest` unless ``image_sha256`` is given.
     """
-    from .catalog import read_kind
+    from blip_app.core.catalog import read_kind
 
     manager = getattr(service, "manager", service)
     ref = manager.ref(model)
@@ -128,7 +128,8 @@ def card_for(service: Any, model: str, settings: GenerationSettings | Mapping[st
     revision = options.revision or (None if ref.is_local else _cached_revision(ref.source, options.cache_dir))
     precision = device = None
     try:
-        from .devices import detect_hardware, plan_load
+        from blip_app.core.devices import plan_load
+        from blip_app.models.hardware import detect_hardware
 
         language_model = getattr(ref.entry, "language_model", None)
         if language_model is None and ref.is_local:
@@ -139,7 +140,7 @@ def card_for(service: Any, model: str, settings: GenerationSettings | Mapping[st
     except Exception:  # noqa: BLE001 - the card says "unknown" rather than failing the download
         pass
     if image_sha256 is None and image is not None:
-        from .images import image_digest
+        from blip_app.core.images import image_digest
 
         image_sha256 = image_digest(image)
     return reproducibility_card(model=ref.name, source=ref.source, settings=settings, image_sha256=image_sha256,
@@ -192,7 +193,7 @@ def _md(text: Any) -> str:
 def conversation_to_markdown(history: Sequence[Turn | Sequence[str]], card: Mapping[str, Any],
                              trust: Sequence[float | None] | None = None) -> str:
     """The conversation as Markdown: the card as a table, the settings as JSON, then the turns."""
-    from .retrieval import confidence_label  # imported here: retrieval imports torch
+    from blip_app.models.retrieval import confidence_label  # imported here: retrieval imports torch
 
     data = conversation_to_dict(history, card, trust)
     card = data["card"]
@@ -259,7 +260,7 @@ class ImportedConversation:
 
     def matches_image(self, image: Any) -> bool:
         """Whether ``image`` (decoded, as load_image returns it) is the picture the conversation was about."""
-        from .images import image_digest
+        from blip_app.core.images import image_digest
 
         return self.image_sha256 is not None and image_digest(image) == self.image_sha256
 
@@ -280,7 +281,7 @@ def conversation_from_json(data: str | bytes | Path | Any, *, max_bytes: int = M
     characters, an answer over ``max_chars`` times service.ANSWER_CHARS_FACTOR, a broken character):
     the turns are cleaned and limited by the very function that cleans a chat's earlier turns.
     """
-    from .service import clean_turn  # imports no torch
+    from blip_app.tasks.service import clean_turn  # imports no torch
 
     raw = _read(data, max_bytes)
     try:

@@ -64,7 +64,7 @@ Other things the tiny checkpoints share with the real ones in transformers 5.23:
   two apart and logs a warning ("both are present in the checkpoints with different values, so we will
   NOT tie them"). The tiny T5 checkpoints store a separate ``lm_head`` too, so they log the same warning.
 
-Run ``python -m blip_app.tiny DIR`` to write all four families plus ``retrieval/`` (a tiny
+Run ``python -m blip_app.devtools.tiny DIR`` to write all four families plus ``retrieval/`` (a tiny
 ``Blip2ForImageTextRetrieval``) into ``DIR``.
 """
 
@@ -773,7 +773,7 @@ def make_tiny_retrieval_checkpoint(out_dir: str | Path, *, seed: int = 0, num_qu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip_app.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m blip_app.devtools.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder to write <family>/ checkpoints into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -6,7 +6,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from .errors import RateLimitedError
+from blip_app.errors import RateLimitedError
 
 TOO_QUICK = "You are sending requests too quickly; please wait {wait:.0f} s and try again."
 

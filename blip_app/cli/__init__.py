@@ -1,0 +1,1 @@
+"""The command line's commands (python -m blip_app)."""

@@ -1,0 +1,1 @@
+"""Rules and data: catalog, generation settings, prompts, images, load decisions. No torch, no gradio."""

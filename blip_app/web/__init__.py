@@ -1,0 +1,1 @@
+"""gradio lives only here: the page, its tabs, the named API endpoints and the rate limit."""
