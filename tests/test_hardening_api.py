@@ -161,7 +161,7 @@ def test_a_100_turn_conversation_is_trimmed_to_fit(client: Client, image: dict, 
     answer = client.predict(image, history, "And now?", models[family], "fast", max_new_tokens=6, api_name="/chat")
     assert isinstance(answer, str) and time.monotonic() - started < 20
     request, reply = calls[-1]
-    assert len(request["history"]) == 100
+    assert len(request.history) == 100
     assert 0 < reply.dropped_turns < 100 and "And now?" in reply.prompt
     assert reply.prompt_tokens <= reply.context_tokens
 
@@ -173,7 +173,7 @@ def test_a_history_of_200000_turns_costs_no_more_than_500(client: Client, image:
     client.predict(image, [["q", "a"]] * 200_000, "x?", models[0], "fast", max_new_tokens=2, api_name="/chat")
     assert time.monotonic() - started < 8  # was 5.5 s of cleaning and tokenising on this machine, now ~1 s
     request, reply = calls[-1]
-    assert len(request["history"]) == 500 and request["older_turns"] == 199_500
+    assert len(request.history) == 500 and request.older_turns == 199_500
     assert reply.dropped_turns >= 199_500  # the older turns count as left out
 
 
@@ -198,12 +198,12 @@ def test_unicode_edge_cases_are_accepted_and_cleaned(case: str, client: Client, 
         assert isinstance(client.predict(image, [[text, text]], text, model, "fast", max_new_tokens=4,
                                          api_name="/chat"), str)
     for request, _ in calls:
-        question = request["question"]
+        question = request.question
         assert question and "\x00" not in question and "\x1b" not in question and "\x07" not in question
         assert question == unicodedata.normalize("NFC", question)
-        assert all("\x00" not in turn.question + turn.answer for turn in request["history"])
+        assert all("\x00" not in turn.question + turn.answer for turn in request.history)
     if case == "combining":
-        assert calls[0][0]["question"].startswith("Café")
+        assert calls[0][0].question.startswith("Café")
 
 
 # ------------------------------------------------------------------------------------------------

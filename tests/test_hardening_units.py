@@ -103,9 +103,9 @@ def test_a_huge_history_is_cut_to_the_turns_that_could_fit(tiny_checkpoints: dic
     started = time.monotonic()
     request = service.request(Task.CHAT, question="and?", history=[["q", "a"]] * 300_000 + [["last", "one"]])
     assert time.monotonic() - started < 2.0
-    assert len(request["history"]) == MAX_HISTORY_TURNS and request["older_turns"] == 300_001 - MAX_HISTORY_TURNS
-    assert request["history"][-1].question == "last"
-    assert service.request(Task.CHAT, question="and?", history=[["q", "a"]] * 3)["older_turns"] == 0
+    assert len(request.history) == MAX_HISTORY_TURNS and request.older_turns == 300_001 - MAX_HISTORY_TURNS
+    assert request.history[-1].question == "last"
+    assert service.request(Task.CHAT, question="and?", history=[["q", "a"]] * 3).older_turns == 0
     for bad in ("not a list", 5, {"q": "a"}):
         with pytest.raises(BadInputError, match="list of \\[question, answer\\] pairs"):
             service.request(Task.CHAT, question="and?", history=bad)

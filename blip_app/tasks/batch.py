@@ -32,6 +32,7 @@ from PIL import Image
 from blip_app.core.images import ImageLimits, load_image
 from blip_app.core.settings import GenerationSettings, Preset, Task
 from blip_app.errors import BadImageError, BadInputError, BlipAppError, user_message
+from blip_app.models.kinds import Captioner
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def caption_many(
     cancel = cancel or threading.Event()
     total = len(items)
     with service.manager.use(model) as loaded:
-        if not hasattr(loaded, "prepare"):
+        if not isinstance(loaded, Captioner):
             raise BadInputError(f"{model} is an image-text matching model; it cannot write captions.")
         settings = service.settings_for(loaded, request)
 

@@ -105,7 +105,7 @@ def iter_compare(
                                            done=True)
         yield list(results)
     if trust and any(r.text for r in results):
-        yield _with_trust(service, trust, picture, task, request["question"], results)
+        yield _with_trust(service, trust, picture, task, request.question, results)
 
 
 def _refuse_matching_model(service: Any, name: str) -> None:

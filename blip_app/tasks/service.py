@@ -13,6 +13,7 @@ import dataclasses
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -21,6 +22,7 @@ from blip_app.core.devices import LoadOptions
 from blip_app.core.prompts import Turn, clean_text
 from blip_app.core.settings import Limits, Preset, Task, resolve_settings
 from blip_app.errors import BadImageError, BadInputError
+from blip_app.models.kinds import Captioner
 from blip_app.models.manager import ModelManager, ModelState
 
 # A conversation's turns kept at most: more than any context holds (a formatted turn takes at least
@@ -72,6 +74,20 @@ def cancelled_by(cancel: threading.Event) -> Iterator[threading.Event]:
         _REQUEST_CANCEL.reset(token)
 
 
+@dataclass(frozen=True)
+class Request:
+    """A request validated without a model (:meth:`Service.request`): what the engine will be asked."""
+
+    task: Task
+    question: str = ""
+    history: tuple[Turn, ...] = ()
+    preset: Preset | str = Preset.STANDARD
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    short: bool = False
+    detailed: bool = False
+    older_turns: int = 0  # turns older than MAX_HISTORY_TURNS, dropped before cleaning
+
+
 class Service:
     """Caption, answer and chat on the offered models."""
 
@@ -115,8 +131,8 @@ class Service:
         overrides: Mapping[str, Any] | None = None,
         short: bool = False,
         detailed: bool = False,
-    ) -> dict[str, Any]:
-        """Validate everything that can be checked without a model; return the arguments for the engine."""
+    ) -> Request:
+        """Validate everything that can be checked without a model; return the Request for the engine."""
         if task is not Task.CAPTION:
             question = clean_message(question, what="question" if task is Task.ANSWER else "message",
                                      max_chars=self.max_message_chars)
@@ -127,31 +143,30 @@ class Service:
         older = max(0, len(history) - MAX_HISTORY_TURNS)
         turns = tuple(_turn(item, self.max_message_chars) for item in history[older:])
         resolve_settings(task, preset, overrides, limits=self.limits)  # fail fast, before loading a model
-        return {"task": task, "question": question, "history": turns, "preset": preset,
-                "overrides": dict(overrides or {}), "short": short, "detailed": detailed, "older_turns": older}
+        return Request(task, question, turns, preset, dict(overrides or {}), short, detailed, older)
 
-    def settings_for(self, loaded: Any, request: Mapping[str, Any]):
+    def settings_for(self, loaded: Any, request: Request):
         """The validated decoding settings of a request on a loaded model: its family's task defaults,
         the preset, the checkpoint's saved settings and the request's overrides (settings.resolve_settings)."""
-        return resolve_settings(request["task"], request["preset"], request["overrides"],
+        return resolve_settings(request.task, request.preset, request.overrides,
                                 checkpoint=loaded.checkpoint_generation, limits=self.limits,
-                                traits=loaded.spec.traits, short=request["short"])
+                                traits=loaded.spec.traits, short=request.short)
 
-    def _prepare(self, loaded: Any, request: Mapping[str, Any]):
-        if not hasattr(loaded, "prepare"):
+    def _prepare(self, loaded: Any, request: Request):
+        if not isinstance(loaded, Captioner):
             raise BadInputError(f"{loaded.name} is an image-text matching model: it gives trust scores and "
                                 "search, not captions or answers. Choose a captioning model.")
         settings = self.settings_for(loaded, request)
-        prepared = loaded.prepare(request["task"], question=request["question"], history=request["history"],
-                                  short=request["short"], detailed=request["detailed"],
+        prepared = loaded.prepare(request.task, question=request.question, history=request.history,
+                                  short=request.short, detailed=request.detailed,
                                   max_new_tokens=settings.max_new_tokens)
-        if request.get("older_turns"):
+        if request.older_turns:
             plan = prepared.prompt
             prepared = dataclasses.replace(prepared, prompt=dataclasses.replace(
-                plan, dropped_turns=plan.dropped_turns + request["older_turns"]))
+                plan, dropped_turns=plan.dropped_turns + request.older_turns))
         return prepared, settings
 
-    def run(self, model: str, image: Image.Image, request: Mapping[str, Any], *,
+    def run(self, model: str, image: Image.Image, request: Request, *,
             cancel: threading.Event | None = None):
         """Run a validated request to the end and return the engine's Reply."""
         cancel = cancel or _REQUEST_CANCEL.get()
@@ -160,7 +175,7 @@ class Service:
             prepared, settings = self._prepare(loaded, request)
             return loaded.generate(image, prepared, settings, cancel=cancel, time_limit=self.time_limit_s)
 
-    def stream(self, model: str, image: Image.Image, request: Mapping[str, Any], *,
+    def stream(self, model: str, image: Image.Image, request: Request, *,
                cancel: threading.Event | None = None) -> Iterator[Any]:
         """Yield Replies with the text so far, then the final one. Beam search yields only the final one."""
         cancel = cancel or _REQUEST_CANCEL.get()
@@ -169,7 +184,7 @@ class Service:
             prepared, settings = self._prepare(loaded, request)
             yield from loaded.stream(image, prepared, settings, cancel=cancel, time_limit=self.time_limit_s)
 
-    def inspect(self, model: str, request: Mapping[str, Any]):
+    def inspect(self, model: str, request: Request):
         """The exact prompt a request would send and its token counts (loads the model if needed)."""
         with self.manager.use(model) as loaded:
             prepared, _ = self._prepare(loaded, request)

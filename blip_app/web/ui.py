@@ -613,7 +613,7 @@ class Handlers:
                      picture: Any, model: str, cancel: threading.Event,
                      progress: gr.Progress) -> Iterator[tuple[Any, ...]]:
         """The views of one validated chat turn, from the pending question to the finished answer."""
-        question = request["question"]
+        question = request.question
         text = ""
         try:
             yield _chat_view(chat, pending=(question, THINKING), busy=True, message="", note="")
