@@ -241,3 +241,32 @@ def test_a_client_over_its_rate_limit_is_told_to_wait(tiny_checkpoints, tmp_path
         with pytest.raises(AppError, match="sending requests too quickly; please wait"):
             client.predict(handle_file(str(picture)), model, "fast", api_name="/caption")
         assert client.predict(api_name="/models")  # listing models is not limited
+
+
+def test_a_chat_turn_is_one_pass_through_the_service(handlers, uploaded: dict, models: list[str], monkeypatch) -> None:
+    """The turn prepares its prompt once (the inspector's prompt is the stream's first event) and hashes the
+    image once (the digest is handed down to the engine's feature cache)."""
+    from blip_app.core import images
+    from blip_app.models import engine
+    from blip_app.web import ui
+
+    handlers.service.load(models[0])
+    chat = _conversation(uploaded, [["what is it?", "a cat"]])
+    counts = {"prepare": 0, "digest": 0}
+    prepare, digest = engine.LoadedModel.prepare, images.image_digest
+
+    def counting_prepare(self, *args, **kwargs):
+        counts["prepare"] += 1
+        return prepare(self, *args, **kwargs)
+
+    def counting_digest(image):
+        counts["digest"] += 1
+        return digest(image)
+
+    monkeypatch.setattr(engine.LoadedModel, "prepare", counting_prepare)
+    monkeypatch.setattr(ui, "image_digest", counting_digest)
+    monkeypatch.setattr(engine, "image_digest", counting_digest)
+    views = _views(handlers, "And the colour?", chat, uploaded, models[0], max_new_tokens=4)
+    state = views[-1][1]
+    assert len(state["turns"]) == 2 and state["turns"][-1][0] == "And the colour?"
+    assert counts == {"prepare": 1, "digest": 1}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
-import hashlib
 import logging
 import queue
 import re
@@ -53,6 +52,7 @@ from transformers.generation.streamers import BaseStreamer
 from blip_app.core import prompts
 from blip_app.core.catalog import CheckpointKind, Family, LanguageModel, ModelRef, PromptStyle, kind_from_config
 from blip_app.core.devices import Hardware, LoadOptions, LoadPlan, plan_load
+from blip_app.core.images import image_digest
 from blip_app.core.settings import GenerationSettings, ModelTraits, Task
 from blip_app.errors import (
     BadInputError,
@@ -581,14 +581,6 @@ def _cache_bytes(cache: Any) -> int:
     return total
 
 
-def image_key(image: Image.Image) -> str:
-    """A content hash of a decoded image: the same picture gives the same key whatever file it came from."""
-    digest = hashlib.sha256()
-    digest.update(f"{image.mode}:{image.size}".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
-
-
 class LoadedModel:
     """A checkpoint in memory with its processor, and the three phases of a request."""
 
@@ -770,7 +762,7 @@ class LoadedModel:
         BLIP-2's features depend on the image alone. InstructBLIP's Q-Former also reads the prompt text:
         the vision encoder's output is cached per image and the Q-Former runs per text.
         """
-        key = key or image_key(image)
+        key = key or image_digest(image)
         instruct = self.spec.family is Family.INSTRUCTBLIP
         full_key = (key, qformer_text if instruct else None)
         cached = self.features.get(full_key)
@@ -860,7 +852,7 @@ class LoadedModel:
         ``cancel`` stops the work itself at the next token. Raises CancelledError if cancelled,
         BusyError if the device stays busy past ``lock_timeout``, GenerationError on out-of-memory.
         """
-        job = _Job(image, prepared, image_id or image_key(image), cancel or threading.Event(),
+        job = _Job(image, prepared, image_id or image_digest(image), cancel or threading.Event(),
                    time.monotonic() + time_limit if time_limit is not None else None)
         if on_text is None and prepared.task is not Task.CHAT and self.max_batch > 1:
             self._batcher.submit(job, settings, lock_timeout)

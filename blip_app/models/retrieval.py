@@ -14,7 +14,7 @@ Two kinds of model are served here:
   The pieces of ``Blip2ForImageTextRetrieval.forward`` are called one by one (transformers 5.23,
   ``models/blip_2/modeling_blip_2.py``, ``forward`` at line 1867: ITM path lines 1951-1979, ITC path
   lines 1980-2012) so that the vision encoder runs once per image content: its output is cached per
-  :func:`engine.image_key`, like the engine caches image features.
+  :func:`blip_app.core.images.image_digest`, like the engine caches image features.
 
 * The generative models of the catalog (``Blip2ForConditionalGeneration`` /
   ``InstructBlipForConditionalGeneration`` inside an engine ``LoadedModel``), whose features
@@ -48,6 +48,7 @@ from PIL import Image
 
 from blip_app.core.catalog import BYTES_PER_PARAM, CatalogEntry, Family, LanguageModel, ModelRef, resolve
 from blip_app.core.devices import Hardware, LoadOptions, LoadPlan, plan_load
+from blip_app.core.images import image_digest
 from blip_app.core.prompts import clean_text
 from blip_app.core.settings import Task
 from blip_app.errors import BadInputError, BusyError, GenerationError, UnsupportedCheckpointError
@@ -58,7 +59,6 @@ from blip_app.models.engine import (
     LoadedModel,
     exclusive_load,
     explain_load_error,
-    image_key,
 )
 from blip_app.models.hardware import detect_hardware
 
@@ -434,7 +434,7 @@ class RetrievalModel:
         if not images:
             return []
         texts = self._texts(texts)
-        keys = [image_key(image) for image in images]
+        keys = [image_digest(image) for image in images]
         with _device_lock(self.plan.device, self.lock_timeout):
             return self._itm(self._vision(images, keys), texts)
 
@@ -457,7 +457,7 @@ class RetrievalModel:
         images = list(images)
         if not images:
             return torch.empty(0, self.num_query_tokens, int(self.model.config.image_text_hidden_size))
-        keys = [image_key(image) for image in images]
+        keys = [image_digest(image) for image in images]
         with _device_lock(self.plan.device, self.lock_timeout):
             return _cpu(self._image_embeds(images, keys))
 
@@ -486,7 +486,7 @@ class RetrievalModel:
 
     def image_features(self, image: Image.Image) -> dict[str, torch.Tensor]:
         """Every image feature this model has: vision pooled output, Q-Former queries, projected embeddings."""
-        key = image_key(image)
+        key = image_digest(image)
         with _device_lock(self.plan.device, self.lock_timeout):
             vision = self._vision([image], [key])[0]
             pooled = self.model.vision_model.post_layernorm(vision[:, 0, :])  # = Blip2VisionModel's pooler_output

@@ -175,14 +175,27 @@ class Service:
             prepared, settings = self._prepare(loaded, request)
             return loaded.generate(image, prepared, settings, cancel=cancel, time_limit=self.time_limit_s)
 
-    def stream(self, model: str, image: Image.Image, request: Request, *,
-               cancel: threading.Event | None = None) -> Iterator[Any]:
-        """Yield Replies with the text so far, then the final one. Beam search yields only the final one."""
+    def events(self, model: str, image: Image.Image, request: Request, *, cancel: threading.Event | None = None,
+               image_id: str | None = None) -> Iterator[Any]:
+        """One pass for a request: the prepared prompt first (engine.Prepared, for the prompt inspector), then
+        the Replies of :meth:`stream`. ``image_id`` is the image's digest when the caller has it already."""
         cancel = cancel or _REQUEST_CANCEL.get()
         image = _checked(image)
         with self.manager.use(model) as loaded:
             prepared, settings = self._prepare(loaded, request)
-            yield from loaded.stream(image, prepared, settings, cancel=cancel, time_limit=self.time_limit_s)
+            yield prepared
+            yield from loaded.stream(image, prepared, settings, cancel=cancel, time_limit=self.time_limit_s,
+                                     image_id=image_id)
+
+    def stream(self, model: str, image: Image.Image, request: Request, *,
+               cancel: threading.Event | None = None, image_id: str | None = None) -> Iterator[Any]:
+        """Yield Replies with the text so far, then the final one. Beam search yields only the final one."""
+        events = self.events(model, image, request, cancel=cancel, image_id=image_id)
+        try:
+            next(events)  # the prepared prompt
+            yield from events
+        finally:
+            events.close()
 
     def inspect(self, model: str, request: Request):
         """The exact prompt a request would send and its token counts (loads the model if needed)."""

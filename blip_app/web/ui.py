@@ -48,7 +48,7 @@ from blip_app.core.images import ImageLimits, image_digest, install_pillow_limit
 from blip_app.core.settings import PRESET_HELP, Limits, Preset, Task, preset_settings  # noqa: E402
 from blip_app.errors import BadImageError, BadInputError, BlipAppError, CancelledError, user_message  # noqa: E402
 from blip_app.models.manager import ModelState  # noqa: E402
-from blip_app.tasks.service import Service  # noqa: E402
+from blip_app.tasks.service import Request, Service  # noqa: E402
 from blip_app.web.common import captioning_only
 from blip_app.web.ratelimit import RateLimiter  # noqa: E402
 
@@ -501,11 +501,15 @@ class Handlers:
             _notify(exc)
         return self.refresh_models(model)
 
-    def _prepare(self, model: str, request: dict[str, Any], progress: gr.Progress) -> Any:
+    def _prepare(self, model: str, request: Request, progress: gr.Progress) -> Any:
         """Service.inspect, which loads the model first if needed (with the progress bar)."""
+        self._announce_load(model, progress)
+        return self.service.inspect(model, request)
+
+    def _announce_load(self, model: str, progress: gr.Progress) -> None:
+        """Start the progress bar when ``model`` is about to be loaded for a request."""
         if not any(s.name == model and s.state == "loaded" for s in self.service.models()):
             progress(0, desc=f"Loading {model}…")
-        return self.service.inspect(model, request)
 
     def stop(self, request: gr.Request, task: Task) -> None:
         """Event: stop this session's running answer in ``task`` at its next token."""
@@ -597,7 +601,7 @@ class Handlers:
             yield _chat_view(original)
             return
         job = self.running.start(session, Task.CHAT)
-        answer = self._chat_answer(request, chat, original, message, picture, model, job.cancel, progress)
+        answer = self._chat_answer(request, chat, original, message, picture, digest, model, job.cancel, progress)
         try:
             for view in answer:
                 if job.superseded:
@@ -609,18 +613,21 @@ class Handlers:
         if job.superseded:  # a new image arrived meanwhile: its new, empty conversation wins
             yield _chat_view(new_chat(), note="")
 
-    def _chat_answer(self, request: dict[str, Any], chat: dict[str, Any], original: dict[str, Any], message: str,
-                     picture: Any, model: str, cancel: threading.Event,
+    def _chat_answer(self, request: Request, chat: dict[str, Any], original: dict[str, Any], message: str,
+                     picture: Any, digest: str, model: str, cancel: threading.Event,
                      progress: gr.Progress) -> Iterator[tuple[Any, ...]]:
-        """The views of one validated chat turn, from the pending question to the finished answer."""
+        """The views of one validated chat turn, from the pending question to the finished answer: one pass
+        through the service, whose first event is the prepared prompt (for the inspector)."""
         question = request.question
         text = ""
+        events = self.service.events(model, picture, request, cancel=cancel, image_id=digest)
         try:
             yield _chat_view(chat, pending=(question, THINKING), busy=True, message="", note="")
-            prepared = self._prepare(model, request, progress)
+            self._announce_load(model, progress)
+            prepared = next(events)
             yield _chat_view(chat, pending=(question, THINKING), busy=True,
                              prompt=prepared.prompt.text or EMPTY_PROMPT, stats=prompt_stats(prepared))
-            for reply in self.service.stream(model, picture, request, cancel=cancel):
+            for reply in events:
                 text = reply.text
                 if not reply.finished:
                     yield _chat_view(chat, pending=(question, inert(text) + CURSOR), busy=True)
@@ -636,6 +643,8 @@ class Handlers:
         except Exception as exc:  # noqa: BLE001
             _notify(exc)
             yield _chat_view(original, message=message)
+        finally:
+            events.close()
 
     # ---------------------------------------------------------------- caption and ask
 
