@@ -91,18 +91,18 @@ def service(models: list[str]):
 
 
 def make_extras(service, models: list[str], *flags: str):
-    """An Extras on ``service``, its chat accordion built in a page of its own (as build_ui does)."""
+    """An Tools on ``service``, its chat accordion built in a page of its own (as build_ui does)."""
     import gradio as gr
 
     from blip_app.config import parse_config
     from blip_app.core.settings import Task
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.tools import Extras
+    from blip_app.web.tools import Tools
     from blip_app.web.ui import settings_panel
 
     config = parse_config([flag for m in models for flag in ("--model", m)] +
                           ["--offline", "--trust-model", "none", *flags])
-    made = Extras(service, config, RateLimiter(config.rate_limit_per_minute))
+    made = Tools(service, config, RateLimiter(config.rate_limit_per_minute))
     with gr.Blocks():
         chat = {"state": gr.State(), "chatbot": gr.Chatbot(), "note": gr.Markdown(),
                 "history_buttons": [gr.Button(), gr.Button(), gr.Button()],
@@ -241,13 +241,13 @@ def test_search_holds_one_decoded_picture_at_a_time(models: list[str], tiny_retr
     from blip_app.config import parse_config
     from blip_app.tasks.service import Service
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.tools import Extras
+    from blip_app.web.tools import Tools
     from blip_app.web.ui import inert
 
     config = parse_config(["--model", models[0], "--offline", "--trust-model", tiny_retrieval])
     service = Service(config.offered_models, config.load)
     try:
-        extras = Extras(service, config, RateLimiter(0))
+        extras = Tools(service, config, RateLimiter(0))
         photos = {f"p{n}.png": noise_png(20 + n, side=96) for n in range(12)}
         archive = io.BytesIO()
         with zipfile.ZipFile(archive, "w") as zf:
@@ -299,7 +299,7 @@ def test_every_model_and_upload_handler_counts_against_the_rate_limit(service, m
     from blip_app.config import parse_config
     from blip_app.core.images import ImageLimits
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.tools import Extras
+    from blip_app.web.tools import Tools
     from blip_app.web.ui import Handlers, new_chat
 
     photo = upload("chelsea.jpg", (EXAMPLES / "chelsea.jpg").read_bytes())
@@ -327,7 +327,7 @@ def test_every_model_and_upload_handler_counts_against_the_rate_limit(service, m
 
     trusting = _trust_service(models, tiny_retrieval)  # the trust line runs the matching model
     try:
-        scorer = Extras(trusting, config, RateLimiter(60, burst=2))
+        scorer = Tools(trusting, config, RateLimiter(60, burst=2))
         lines = [scorer.score_caption(photo, "a cat", _Session("scores", host="10.0.0.66")) for _ in range(3)]
         assert "Confidence:" in lines[0] and TOO_QUICK in lines[2] and "not available" in lines[2]
     finally:

@@ -12,7 +12,7 @@ from blip_app.models.manager import ModelState
 from blip_app.tasks.service import Service
 
 # retrieval.RetrievalFamily.BLIP2_ITM and retrieval.RETRIEVAL_ARCHITECTURE, written out because retrieval
-# imports torch, which the web layer never does (tests/test_ui_extra.py checks that they agree).
+# imports torch, which the web layer never does (tests/test_web_tools.py checks that they agree).
 MATCHING_FAMILY = "blip2-itm"
 MATCHING_ARCHITECTURE = "Blip2ForImageTextRetrieval"
 

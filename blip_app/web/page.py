@@ -46,7 +46,7 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
     """The whole app as a gr.Blocks (nothing is loaded or launched here)."""
     limiter = RateLimiter(config.rate_limit_per_minute)
     handlers = Handlers(service, config.image_limits, limiter)
-    extras = web_tools.Extras(service, config, limiter)  # trust lines, chat files, Search, Batch, Compare
+    extras = web_tools.Tools(service, config, limiter)  # trust lines, chat files, Search, Batch, Compare
     states = captioning_states(service)
     ages = config.delete_uploads_after_s
     with gr.Blocks(title=f"{TITLE} · BLIP-2 and InstructBLIP", analytics_enabled=False, fill_width=True,

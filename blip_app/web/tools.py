@@ -1,7 +1,7 @@
 """The page and the API beyond the demos: trust scores, search, batch captioning, side by side, chat files.
 
 :func:`blip_app.web.ui.build_ui` calls in here in a few lines: :func:`add_extra_api` registers ``/trust``,
-``/search`` and ``/embed`` next to ui.py's endpoints, and :class:`Extras` builds
+``/search`` and ``/embed`` next to ui.py's endpoints, and :class:`Tools` builds
 
 - the **trust line** under the Caption and Ask outputs: "Confidence: likely", the image-text match
   probability in the hover title (:func:`trust_html`), scored after each caption or answer by the
@@ -84,7 +84,7 @@ from blip_app.web.ui import (
 
 log = logging.getLogger(__name__)
 
-# Limits written out because the modules that hold them import torch (tests/test_ui_extra.py checks them).
+# Limits written out because the modules that hold them import torch (tests/test_web_tools.py checks them).
 SEARCH_LIMIT = 100  # retrieval.MAX_SEARCH_IMAGES
 COMPARE_LIMIT = 3  # compare.MAX_MODELS
 SEARCH_TEXT_CHARS = 2000  # retrieval.MAX_TEXT_CHARS
@@ -457,7 +457,7 @@ def add_extra_api(service: Service, config: AppConfig, limiter: RateLimiter) -> 
 # The page
 
 
-class Extras:
+class Tools:
     """The extra parts of the page and the handlers behind them (each takes and returns plain values)."""
 
     def __init__(self, service: Service, config: AppConfig, limiter: RateLimiter) -> None:

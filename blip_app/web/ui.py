@@ -1,8 +1,7 @@
-"""The web app: caption, question answering and chat about one image, on BLIP-2 and InstructBLIP.
-
-With blip_app/web_tools.py, the only modules that import gradio. :func:`build_ui` builds the page and the
-API endpoints for scripts (``/caption``, ``/answer``, ``/chat``, ``/models`` here; ``/trust``, ``/search``,
-``/embed`` and the Compare, Search and Batch tabs in ui_extra); :func:`launch` starts the server. The
+"""The Chat, Caption and Ask tabs, the model picker's handlers and the API endpoints for scripts
+(``/caption``, ``/answer``, ``/chat``, ``/models``; ``/trust``, ``/search``, ``/embed`` and the Compare,
+Search and Batch tabs are in web/tools.py, and web/page.py composes the page); :func:`launch` starts the
+server. The
 Service validates every request, picks the model and runs it; nothing here branches on a model family.
 
 How this module keeps its promises:
@@ -906,7 +905,7 @@ def caption_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, stat
         stop = gr.Button("Stop", variant="stop", visible=False)
     output = gr.Textbox(label="Caption", lines=3, interactive=False, buttons=["copy"], elem_id="caption-output",
                         placeholder="Upload an image, then press Caption.")
-    trust = extras.trust_line("caption-trust") if extras else None  # "Confidence: likely" (ui_extra)
+    trust = extras.trust_line("caption-trust") if extras else None  # "Confidence: likely" (web/tools.py)
     panel = settings_panel(Task.CAPTION, limits)
     inspect = inspector()
 
@@ -934,7 +933,7 @@ def ask_tab(handlers: Handlers, limits: Limits, image: Any, model: Any, status: 
         stop = gr.Button("Stop", variant="stop", visible=False)
     output = gr.Textbox(label="Answer", lines=2, interactive=False, buttons=["copy"], elem_id="answer-output",
                         placeholder="Upload an image, type a question, then press Ask.")
-    trust = extras.trust_line("answer-trust") if extras else None  # "Confidence: likely" (ui_extra)
+    trust = extras.trust_line("answer-trust") if extras else None  # "Confidence: likely" (web/tools.py)
     panel = settings_panel(Task.ANSWER, limits)
     inspect = inspector()
 

@@ -229,17 +229,17 @@ def upload(path: Path, data: bytes | None = None, name: str | None = None) -> di
 
 @pytest.fixture(scope="module")
 def extras(app: RunningApp, models: list[str], tiny_retrieval: str):
-    """An Extras on the app's Service, with its chat accordion built in a page of its own."""
+    """An Tools on the app's Service, with its chat accordion built in a page of its own."""
     import gradio as gr
 
     from blip_app.config import parse_config
     from blip_app.core.settings import Task
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.tools import Extras
+    from blip_app.web.tools import Tools
     from blip_app.web.ui import settings_panel
 
     config = parse_config([flag for m in models for flag in ("--model", m)] + ["--trust-model", tiny_retrieval])
-    made = Extras(app.service, config, RateLimiter(0))
+    made = Tools(app.service, config, RateLimiter(0))
     with gr.Blocks():
         chat = {"state": gr.State(), "chatbot": gr.Chatbot(), "note": gr.Markdown(),
                 "history_buttons": [gr.Button(), gr.Button(), gr.Button()],
@@ -270,10 +270,10 @@ def test_a_trust_model_that_cannot_load_leaves_a_quiet_note(models: list[str]) -
     from blip_app.config import parse_config
     from blip_app.tasks.service import Service
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.tools import Extras
+    from blip_app.web.tools import Tools
 
     config = parse_config(["--model", models[0], "--offline"])  # the default trust model: not in any cache
-    extras = Extras(Service(config.offered_models, config.load), config, RateLimiter(0))
+    extras = Tools(Service(config.offered_models, config.load), config, RateLimiter(0))
     line = extras.score_caption(upload(EXAMPLES / "chelsea.jpg"), "a cat")
     assert "Confidence: not available" in line and "title=" in line
 
