@@ -1,8 +1,7 @@
 """The Chat, Caption and Ask tabs, the model picker's handlers and the API endpoints for scripts
 (``/caption``, ``/answer``, ``/chat``, ``/models``; ``/trust``, ``/search``, ``/embed`` and the Compare,
 Search and Batch tabs are in web/tools.py, and web/page.py composes the page); :func:`launch` starts the
-server. The
-Service validates every request, picks the model and runs it; nothing here branches on a model family.
+server. The Service validates every request, picks the model and runs it; nothing here branches on a model family.
 
 How this module keeps its promises:
 
