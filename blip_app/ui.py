@@ -1293,6 +1293,24 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replayed
 
 
+def _release_freed_memory() -> None:
+    """Hand memory Python has freed back to the system (glibc keeps it in per-thread arenas otherwise).
+
+    Expired sessions free megabytes of request data allocated in whichever worker thread served them;
+    without this the process's resident memory still grew by about 30 MB for every 20 refused 1.2 MB
+    calls, although Python held none of it.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        name = ctypes.util.find_library("c")
+        if name:
+            ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 class LoginThrottle:
     """Slows down, then refuses, repeated failed logins from one client address.
 
@@ -1523,6 +1541,7 @@ class Sessions:
                 expired += 1
         if expired:
             log.info("Expired %d idle session(s)", expired)
+            _release_freed_memory()
         return expired
 
 
@@ -1560,6 +1579,12 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
     sessions = Sessions()
     uploads = Uploads(uploads_limiter(config.rate_limit_per_minute))
     demo.queue(max_size=config.queue_size, default_concurrency_limit=CONCURRENCY, api_open=False)
+    # Started before launch, which blocks until the server stops (unless prevent_thread_lock).
+    sessions.start(demo)  # sessions no page keeps open are forgotten after a minute
+    uploads.start()  # partial uploads deleted after a minute
+    demo.blip_app_sessions = sessions  # type: ignore[attr-defined]
+    demo.blip_app_uploads = uploads  # type: ignore[attr-defined]
+    _clean_at_exit(uploads.close, sessions.stop)
     _, url, _ = demo.launch(
         server_name=config.host,
         server_port=config.port,
@@ -1578,11 +1603,6 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
         theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="slate"),
         css=CSS,
     )
-    sessions.start(demo)  # sessions no page keeps open are forgotten after a minute
-    uploads.start()
-    demo.blip_app_sessions = sessions  # type: ignore[attr-defined]
-    demo.blip_app_uploads = uploads  # type: ignore[attr-defined]
-    _clean_at_exit(uploads.close, sessions.stop)
     return url
 
 
