@@ -1296,9 +1296,8 @@ def _replay(body: bytes, receive: Any) -> Any:
 def _release_freed_memory() -> None:
     """Hand memory Python has freed back to the system (glibc keeps it in per-thread arenas otherwise).
 
-    Expired sessions free megabytes of request data allocated in whichever worker thread served them;
-    without this the process's resident memory still grew by about 30 MB for every 20 refused 1.2 MB
-    calls, although Python held none of it.
+    Expired sessions free megabytes of request data allocated in whichever worker thread served them,
+    and glibc keeps what is freed in that thread's arena for later use by the same thread.
     """
     import ctypes
     import ctypes.util
