@@ -885,3 +885,26 @@ def _answers(url: str) -> bool:
         return httpx.get(url + "/gradio_api/info", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_sweepers_run_while_the_server_serves(models: list[str]) -> None:
+    """app.main's launch blocks until the server stops: the session and upload sweepers must already run."""
+    from _server import _pillow_globals_restored, free_port
+
+    import app as app_module
+    from blip_app import ui
+    from blip_app.config import parse_config
+
+    config = parse_config(["--model", models[0], "--offline", "--trust-model", "none", "--port", str(free_port())])
+    demo, service = app_module.create_app(config)
+    with _pillow_globals_restored():
+        serving = threading.Thread(target=ui.launch, args=(demo, config), kwargs={"quiet": True}, daemon=True)
+        serving.start()
+        try:
+            assert wait_until(lambda: _answers(f"http://127.0.0.1:{config.port}"), timeout=60, every=0.2)
+            assert serving.is_alive()  # launch is still blocking, as in app.main
+            assert demo.blip_app_sessions._thread.is_alive() and demo.blip_app_uploads._thread.is_alive()
+        finally:
+            demo.close()
+            serving.join(timeout=20)
+            service.manager.close()
