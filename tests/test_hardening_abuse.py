@@ -892,7 +892,7 @@ def test_the_sweepers_run_while_the_server_serves(models: list[str]) -> None:
     from _server import _pillow_globals_restored, free_port
 
     import app as app_module
-    from blip_app import ui
+    from blip_app.web import ui
     from blip_app.config import parse_config
 
     config = parse_config(["--model", models[0], "--offline", "--trust-model", "none", "--port", str(free_port())])
