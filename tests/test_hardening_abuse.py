@@ -843,16 +843,17 @@ def test_sigterm_cleans_the_apps_temp_folders(models: list[str], tmp_path: Path)
     import signal
     import subprocess
     import sys
-    import tempfile
 
     import httpx
     from _server import free_port
 
     root = Path(__file__).resolve().parent.parent
     folder = tmp_path / "gradio"
+    temp = tmp_path / "tmp"  # the server's own temporary folder: its downloads folder is made there
+    temp.mkdir()
     port = free_port()
-    downloads_before = set(Path(tempfile.gettempdir()).glob("blip_app-downloads-*"))
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(folder), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(folder), "TMPDIR": str(temp), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen([sys.executable, str(root / "app.py"), "--model", models[0], "--offline",
                                "--trust-model", "none", "--port", str(port), "--rate-limit", "0"],
                               cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -865,7 +866,7 @@ def test_sigterm_cleans_the_apps_temp_folders(models: list[str], tmp_path: Path)
         _aborted_upload(url)
         assert wait_until(lambda: len(_partials(folder)) == 1, timeout=10)
         assert Path(uploaded.json()[0]).exists()
-        mine = set(Path(tempfile.gettempdir()).glob("blip_app-downloads-*")) - downloads_before
+        mine = set(temp.glob("blip_app-downloads-*"))
         assert mine  # the app's own folder for downloads
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=30)
