@@ -51,15 +51,19 @@ def wait_for_output(page, selector: str) -> str:
 def finished_answers(app: RunningApp) -> list[int]:
     """Count, in the server (same process), the answers the engine has finished streaming."""
     done = [0]
-    stream = app.service.stream
 
-    def counting(*args, **kwargs):
-        try:
-            yield from stream(*args, **kwargs)
-        finally:
-            done[0] += 1
+    def counted(method):
+        def counting(*args, **kwargs):
+            try:
+                yield from method(*args, **kwargs)
+            finally:
+                done[0] += 1
 
-    app.service.stream = counting
+        return counting
+
+    # Caption and Ask stream their answer; a chat turn takes the service's events (prompt, then answer).
+    app.service.stream = counted(app.service.stream)
+    app.service.events = counted(app.service.events)
     return done
 
 
