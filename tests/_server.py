@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,16 @@ class RunningApp:
     url: str
     demo: Any
     service: Any
+
+
+def wait_until(condition, timeout: float, every: float = 0.05) -> bool:
+    """Poll ``condition`` every ``every`` seconds until it holds or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return condition()
 
 
 def free_port() -> int:

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import _server
 import numpy as np
 import pytest
 from PIL import Image
@@ -71,12 +72,7 @@ def noise_png(seed: int, side: int = 48) -> bytes:
 
 
 def wait_until(condition, timeout: float, every: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    return condition()
+    return _server.wait_until(condition, timeout, every)
 
 
 @pytest.fixture(scope="module")
@@ -893,8 +889,8 @@ def test_the_sweepers_run_while_the_server_serves(models: list[str]) -> None:
     from _server import _pillow_globals_restored, free_port
 
     import app as app_module
-    from blip_app.web import ui
     from blip_app.config import parse_config
+    from blip_app.web import ui
 
     config = parse_config(["--model", models[0], "--offline", "--trust-model", "none", "--port", str(free_port())])
     demo, service = app_module.create_app(config)

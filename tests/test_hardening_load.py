@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _server import running_app
+from _server import running_app, wait_until
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -97,15 +97,6 @@ def named_threads() -> Counter[str]:
     return Counter(t.name for t in threading.enumerate()
                    if not t.name.startswith(("AnyIO worker", "ThreadPoolExecutor"))
                    and not t.name.endswith("(_stream_heartbeat)"))
-
-
-def wait_until(condition, timeout: float, every: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    return condition()
 
 
 # ------------------------------------------------------------------------------------------------
