@@ -42,7 +42,7 @@ from gradio.data_classes import FileData  # noqa: E402
 from gradio.utils import get_upload_folder, is_in_or_equal  # noqa: E402
 
 from blip_app.config import AppConfig  # noqa: E402
-from blip_app.core.images import ImageLimits, image_digest, install_pillow_limits, load_image  # noqa: E402
+from blip_app.core.images import ImageLimits, image_digest, load_image  # noqa: E402
 from blip_app.core.settings import PRESET_HELP, Limits, Preset, Task, preset_settings  # noqa: E402
 from blip_app.errors import BadImageError, BadInputError, BlipAppError, CancelledError, user_message  # noqa: E402
 from blip_app.models.manager import ModelState  # noqa: E402
@@ -250,14 +250,15 @@ def reply_note(reply: Any) -> str:
 def model_choices(states: Sequence[ModelState]) -> list[tuple[str, str]]:
     """Dropdown choices: (label with the model's state, model name)."""
     words = {"loaded": "loaded", "parked": "in CPU memory", "loading": "loading…", "on disk": "downloaded",
-             "folder": "local folder"}
+             "folder": "local folder", "remote": "remote", "unreachable": "remote, unreachable"}
     return [(f"{state.label} · {words.get(state.state, state.detail)}", state.name) for state in states]
 
 
 def model_status(states: Sequence[ModelState], name: str) -> str:
     """Markdown: the chosen model's state and description."""
     headline = {"loaded": "Ready", "parked": "Ready soon", "loading": "Loading", "on disk": "Not loaded",
-                "folder": "Not loaded", "download": "Not downloaded"}
+                "folder": "Not loaded", "download": "Not downloaded", "remote": "Remote",
+                "unreachable": "Unreachable"}
     for state in states:
         if state.name == name:
             return (f"**{headline.get(state.state, 'Not loaded')}**: {inert(state.detail)}.\n\n"
@@ -1511,53 +1512,21 @@ def request_body_limit(config: AppConfig) -> int:
     return 1024 * 1024 + MAX_HISTORY_TURNS * config.max_message_chars * (1 + ANSWER_CHARS_FACTOR)
 
 
-def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = False, quiet: bool = False) -> str:
-    """Apply the image limits, configure the queue and serve ``demo``; returns the local URL.
+def launch(demo: gr.Blocks, config: AppConfig, *, service: Service | None = None, prevent_thread_lock: bool = False,
+           quiet: bool = False) -> str:
+    """Serve ``demo`` and, for ``service``, the OpenAI-compatible /v1 beside it (web/server.py builds the
+    app); returns the local URL. Without ``service`` the Service is taken from the page (page.build_ui).
 
     Blocks until the server stops unless ``prevent_thread_lock``.
     """
-    from starlette.middleware import Middleware
+    from blip_app.web import server
 
-    install_pillow_limits(config.image_limits)
-    # uvicorn rewrites the client address from X-Forwarded-For for the peers this lists (by default
-    # loopback, so that any local client could forge its address): only the configured proxies.
-    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(config.trusted_proxies)
-    sessions = Sessions()
-    uploads = Uploads(uploads_limiter(config.rate_limit_per_minute))
-    demo.queue(max_size=config.queue_size, default_concurrency_limit=CONCURRENCY, api_open=False)
-    # Started before launch, which blocks until the server stops (unless prevent_thread_lock).
-    sessions.start(demo)  # sessions no page keeps open are forgotten after a minute
-    uploads.start()  # partial uploads deleted after a minute
-    demo.blip_app_sessions = sessions  # type: ignore[attr-defined]
-    demo.blip_app_uploads = uploads  # type: ignore[attr-defined]
-    _clean_at_exit(uploads.close, sessions.stop)
-    _, url, _ = demo.launch(
-        server_name=config.host,
-        server_port=config.port,
-        auth=config.auth,
-        max_file_size=int(config.max_upload_mb * 1024 * 1024),
-        show_error=False,
-        ssr_mode=False,
-        mcp_server=False,
-        enable_monitoring=False,  # gradio's default (None) serves /monitoring to anyone holding its key
-        app_kwargs={"middleware": [Middleware(_Guard, max_body=request_body_limit(config), blocks=demo,
-                                              sessions=sessions, logins=LoginThrottle(), uploads=uploads)]},
-        run_history=False,  # would keep every image and chat in the browser's storage
-        footer_links=["api", "gradio", "settings"],
-        prevent_thread_lock=prevent_thread_lock,
-        quiet=quiet,
-        theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="slate"),
-        css=CSS,
-    )
-    close = demo.close
-
-    def close_all(*args: Any, **kwargs: Any) -> Any:  # the sweepers end with the server, not the process
-        uploads.close()
-        sessions.stop()
-        return close(*args, **kwargs)
-
-    demo.close = close_all  # type: ignore[method-assign]
-    return url
+    service = service or getattr(demo, "blip_app_service", None)
+    if service is None:
+        raise ValueError("launch() needs the Service behind the page for /v1: pass service=...")
+    app = server.build_app(demo, service, config)
+    _clean_at_exit(demo.blip_app_uploads.close, demo.blip_app_sessions.stop)
+    return server.serve(app, demo, config, prevent_thread_lock=prevent_thread_lock, quiet=quiet)
 
 
 def _join(thread: threading.Thread | None) -> None:
