@@ -382,8 +382,8 @@ def _overrides(body: Mapping[str, Any]) -> dict[str, Any]:
         out["temperature"] = temperature
     if sample is not None:
         out["do_sample"] = sample
-        if sample and "num_beams" not in out:
-            out["num_beams"] = 1  # OpenAI's sampling is not beam search
+        if (sample or temperature is not None) and "num_beams" not in out:
+            out["num_beams"] = 1  # OpenAI's decoding is not beam search: temperature 0 is greedy
     unknown = set(out) - set(SETTING_NAMES)
     assert not unknown, unknown  # noqa: S101 - the mapping above names settings only
     return out
@@ -463,8 +463,8 @@ class Ticket:
             self._admission._release()
 
 
-async def read_body(request: Request, max_body: int) -> bytes:
-    """The request body, refused with 413 past ``max_body`` bytes (by its declared length, or as it arrives)."""
+def check_length(request: Request, max_body: int) -> None:
+    """413 for a body whose declared length is over ``max_body`` bytes (checked before it is read)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -473,6 +473,11 @@ async def read_body(request: Request, max_body: int) -> bytes:
             raise _bad("The Content-Length header is not a number.") from None
         if length > max_body:
             raise _too_large(length, max_body)
+
+
+async def read_body(request: Request, max_body: int) -> bytes:
+    """The request body, refused with 413 past ``max_body`` bytes (by its declared length, or as it arrives)."""
+    check_length(request, max_body)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -664,6 +669,7 @@ def build_router(service: Service, config: AppConfig, *, limiter: RateLimiter | 
     async def chat_completions(request: Request) -> Response:
         try:
             check_key(request, config)
+            check_length(request, max_body)  # refused without counting against the client's allowance
             limiter.check(client_key(request))
             raw = await read_body(request, max_body)
             try:
