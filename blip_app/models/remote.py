@@ -124,6 +124,18 @@ class RemotePrepared:
         return self.image_tokens + self.prompt_tokens
 
 
+def _spec(meta: Mapping[str, Any], old: RemoteSpec | None = None) -> RemoteSpec:
+    """The spec a server's facts give (a blip_app server knows them once its model is loaded)."""
+    style = _enum(PromptStyle, meta.get("prompt_style"))
+    return RemoteSpec(
+        family=_enum(Family, meta.get("family")) or (old.family if old else None),
+        language_model=_enum(LanguageModel, meta.get("language_model")) or (old.language_model if old else None),
+        prompt_style=style or (old.prompt_style if old else PromptStyle.BLIP2),
+        context_tokens=int(meta.get("context_tokens") or (old.context_tokens if old else 2048)),
+        num_query_tokens=int(meta.get("image_tokens") or (old.num_query_tokens if old else 32)),
+    )
+
+
 def _enum(kind: type, value: Any) -> Any:
     try:
         return kind(value)
@@ -149,13 +161,7 @@ class RemoteModel:
         meta = dict((info or {}).get("blip_app") or {})
         self.dialect = "blip_app" if meta or (info or {}).get("owned_by") == "blip_app" else (
             "vllm" if (info or {}).get("owned_by") == "vllm" else "openai")
-        self.spec = RemoteSpec(
-            family=_enum(Family, meta.get("family")),
-            language_model=_enum(LanguageModel, meta.get("language_model")),
-            prompt_style=_enum(PromptStyle, meta.get("prompt_style")) or PromptStyle.BLIP2,
-            context_tokens=int(meta.get("context_tokens") or 2048),
-            num_query_tokens=int(meta.get("image_tokens") or 32),
-        )
+        self.spec = _spec(meta)
         self.plan = RemotePlan(device=self.target.host, precision_label=f"served by {self.dialect}")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(base_url=self.target.base_url, headers=headers, transport=transport,
@@ -334,6 +340,8 @@ class RemoteModel:
         if finish is None and stopped is None:
             raise GenerationError(f"The connection to {self.target.host} closed before the answer was finished.")
         self.health.record(True, "answered")
+        if isinstance(extra.get("model"), Mapping) and extra["model"]:
+            self.spec = _spec(extra["model"], self.spec)  # the server has loaded it: its facts are known now
         used = settings
         if isinstance(extra.get("settings"), Mapping):
             known = {k: v for k, v in extra["settings"].items() if k in GenerationSettings.__dataclass_fields__}

@@ -586,12 +586,24 @@ def _usage(reply: Any, completion_tokens: int | None = None) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _details(reply: Any, call: ChatCall) -> dict[str, Any]:
-    """blip_app's own account of a reply (the remote client reads it)."""
-    return {"task": call.task.value, "prompt": reply.prompt, "prompt_tokens": reply.prompt_tokens,
-            "image_tokens": reply.image_tokens, "context_tokens": reply.context_tokens,
-            "dropped_turns": reply.dropped_turns, "stopped_early": reply.stopped_early,
-            "settings": reply.settings.as_dict(), "ignored_messages": call.ignored}
+def _details(reply: Any, call: ChatCall, service: Service) -> dict[str, Any]:
+    """blip_app's own account of a reply, and of the model that wrote it (the remote client reads both)."""
+    details = {"task": call.task.value, "prompt": reply.prompt, "prompt_tokens": reply.prompt_tokens,
+               "image_tokens": reply.image_tokens, "context_tokens": reply.context_tokens,
+               "dropped_turns": reply.dropped_turns, "stopped_early": reply.stopped_early,
+               "settings": reply.settings.as_dict(), "ignored_messages": call.ignored}
+    details["model"] = _spec_facts(service.manager.peek(call.model) if hasattr(service.manager, "peek") else None)
+    return details
+
+
+def _spec_facts(loaded: Any) -> dict[str, Any]:
+    """Family, language model, prompt style and sizes of a loaded model (empty when unknown)."""
+    spec = getattr(loaded, "spec", None)
+    if spec is None or getattr(spec, "family", None) is None:
+        return {}
+    return {"family": spec.family.value, "language_model": getattr(spec.language_model, "value", None),
+            "prompt_style": spec.prompt_style.value, "context_tokens": spec.context_tokens,
+            "image_tokens": spec.num_query_tokens}
 
 
 def _finish_reason(reply: Any, stopped: bool) -> str:
@@ -620,12 +632,7 @@ def model_card(state: Any, service: Service, created: int) -> dict[str, Any]:
     if entry is not None:
         meta.update(family=entry.family.value, language_model=entry.language_model.value,
                     prompt_style=entry.prompt_style.value, context_tokens=entry.context_tokens)
-    loaded = service.manager.peek(state.name) if hasattr(service.manager, "peek") else None
-    spec = getattr(loaded, "spec", None)
-    if spec is not None and getattr(spec, "family", None) is not None:
-        meta.update(family=spec.family.value, language_model=getattr(spec.language_model, "value", None),
-                    prompt_style=spec.prompt_style.value, context_tokens=spec.context_tokens,
-                    image_tokens=spec.num_query_tokens)
+    meta.update(_spec_facts(service.manager.peek(state.name) if hasattr(service.manager, "peek") else None))
     return {"id": state.name, "object": "model", "created": created, "owned_by": "blip_app", "blip_app": meta}
 
 
@@ -726,7 +733,7 @@ def build_router(service: Service, config: AppConfig, *, limiter: RateLimiter | 
             "model": call.model, "system_fingerprint": None,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                          "logprobs": None, "finish_reason": _finish_reason(reply, stopped)}],
-            "usage": _usage(reply, tokens), "blip_app": _details(reply, call),
+            "usage": _usage(reply, tokens), "blip_app": _details(reply, call, service),
         })
 
     async def _streamed(request: Request, call: ChatCall, picture: Any, validated: Any) -> Response:
@@ -767,7 +774,7 @@ def build_router(service: Service, config: AppConfig, *, limiter: RateLimiter | 
                 if reply is None:
                     return  # the client left before anything was generated
                 tokens = updates if stopped and not reply.finished else None
-                yield chunk({}, _finish_reason(reply, stopped), blip_app=_details(reply, call))
+                yield chunk({}, _finish_reason(reply, stopped), blip_app=_details(reply, call, service))
                 if call.include_usage:
                     data = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": call.model,
                             "system_fingerprint": None, "choices": [], "usage": _usage(reply, tokens)}

@@ -113,7 +113,7 @@ def serve(app: Any, demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: 
     forwarded = ",".join(config.trusted_proxies)
     os.environ["FORWARDED_ALLOW_IPS"] = forwarded
     server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                    forwarded_allow_ips=forwarded, timeout_graceful_shutdown=5))
+                                    forwarded_allow_ips=forwarded, timeout_graceful_shutdown=3))
     thread = threading.Thread(target=server.run, name="web-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
