@@ -142,9 +142,9 @@ def serve(app: Any, demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: 
     demo.close = stop  # type: ignore[method-assign]
     demo.local_url = url
     if not prevent_thread_lock:
-        try:
+        try:  # sleep, not join: a KeyboardInterrupt inside Thread.join can mark the live thread as ended
             while thread.is_alive():
-                thread.join(timeout=0.5)
+                time.sleep(0.2)
         except KeyboardInterrupt:
             log.info("Stopping the server")
         finally:
