@@ -9,7 +9,7 @@ A. direct: ``Service.run`` in this process (the model loaded here);
 B. /v1: the openai SDK in this process against a second process (``python app.py``) that serves the
    same checkpoint: JSON, base64 of the image file, HTTP and the server's own checks on top of A;
 C. remote: ``Service.run`` in this process on ``remote:<that server>/v1#<model>``: the remote client
-   (PNG of the decoded image, streamed events) on top of B's server side.
+   (a BMP of the decoded image, streamed events) on top of B's server side.
 
 Each server and this process run one torch thread. Prints the per-round differences B - A and C - A
 in milliseconds (median, min, max) and the ratios B / A and C / A.
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         def run_v1() -> str:
             reply = client.chat.completions.create(
                 model=folder, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
-                    "url": data_url}}]}], max_tokens=args.tokens, extra_body={"min_new_tokens": args.tokens, "beams": 1})
+                    "url": data_url}}]}], max_tokens=args.tokens,
+                extra_body={"min_new_tokens": args.tokens, "beams": 1})
             return reply.choices[0].message.content
 
         def run_remote() -> str:

@@ -890,12 +890,12 @@ def test_the_sweepers_run_while_the_server_serves(models: list[str]) -> None:
 
     import app as app_module
     from blip_app.config import parse_config
-    from blip_app.web import ui
+    from blip_app.web import server
 
     config = parse_config(["--model", models[0], "--offline", "--trust-model", "none", "--port", str(free_port())])
     demo, service = app_module.create_app(config)
     with _pillow_globals_restored():
-        serving = threading.Thread(target=ui.launch, args=(demo, config), kwargs={"quiet": True}, daemon=True)
+        serving = threading.Thread(target=server.launch, args=(demo, config), kwargs={"quiet": True}, daemon=True)
         serving.start()
         try:
             assert wait_until(lambda: _answers(f"http://127.0.0.1:{config.port}"), timeout=60, every=0.2)

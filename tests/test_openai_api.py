@@ -345,6 +345,23 @@ def test_a_client_that_disconnects_mid_stream_stops_the_generation(app, models, 
     assert seen["cancel"].is_set() and not seen.get("finished") and seen["partials"] < 200, seen
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_cancels_it(app, models, monkeypatch) -> None:
+    seen: dict = {}
+
+    def long_run(model, picture, request, *, cancel=None, **kwargs):
+        seen["cancel"] = cancel
+        seen["stopped"] = cancel.wait(20)  # the engine stops at its next token once this is set
+        from blip_app.errors import CancelledError
+
+        raise CancelledError("The request was cancelled.")
+
+    monkeypatch.setattr(app.service, "run", long_run)
+    body = {"model": models[0], "messages": [{"role": "user", "content": [image_part()]}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(app.url + "v1/chat/completions", json=body, timeout=httpx.Timeout(1.5, connect=5))
+    assert wait_until(lambda: "stopped" in seen, timeout=10) and seen["stopped"], seen
+
+
 def test_eight_concurrent_clients_are_all_served_correctly(client, app, models, picture) -> None:
     def ask(number: int) -> tuple[int, str]:
         model = models[number % 2]

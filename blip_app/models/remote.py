@@ -268,8 +268,11 @@ class RemoteModel:
 
         def read() -> None:
             try:
+                # the time limit is kept by the consumer below (with its own message); the read timeout
+                # only ends a reader whose server stopped sending altogether
+                read_timeout = time_limit + 30 if time_limit is not None else None
                 with self._client.stream("POST", "/chat/completions", json=body,
-                                         timeout=httpx.Timeout(time_limit or None, connect=CONNECT_TIMEOUT_S)
+                                         timeout=httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT_S)
                                          ) as response:
                     holder["response"] = response
                     if response.status_code >= 400:
@@ -444,10 +447,15 @@ def _reason(exc: BaseException) -> str:
 
 
 def data_url(image: Image.Image) -> str:
-    """A lossless PNG ``data:`` URL of an image (the remote decodes exactly the pixels this side has)."""
+    """A lossless BMP ``data:`` URL of an image: the remote decodes exactly the pixels this side has.
+
+    BMP rather than PNG: it costs next to nothing to encode, where PNG's compression costs more time than
+    its smaller size saves on a network (docs/openai-api.md has the figures). The uploaded file itself is
+    gone by now: the service holds decoded pixels.
+    """
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    image.convert("RGB").save(buffer, format="BMP")
+    return "data:image/bmp;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """What several parts of the page share and that imports no other page module: which offered models
-caption (the image-text matching model is offered too, but not in the model picker)."""
+caption (the image-text matching model is offered too, but not in the model picker), and the largest
+request body accepted."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from blip_app.config import AppConfig
 from blip_app.errors import BlipAppError
 from blip_app.models.manager import ModelState
 from blip_app.tasks.service import Service
@@ -53,3 +55,14 @@ def _cached_config(repo_id: str, service: Service) -> str | None:
 def captioning_only(service: Service, states: Sequence[ModelState]) -> list[ModelState]:
     """``states`` without the image-text matching models."""
     return [state for state in states if not is_matching_model(service, state.name)]
+
+
+def request_body_limit(config: AppConfig) -> int:
+    """The largest request body accepted (uploads aside): a /chat call carrying the longest history kept.
+
+    That is MAX_HISTORY_TURNS turns of a full-length question and answer, plus room for the rest; the
+    page's own requests are a few kilobytes (images travel as uploads). /v1 adds the largest image, in base64.
+    """
+    from blip_app.tasks.service import ANSWER_CHARS_FACTOR, MAX_HISTORY_TURNS
+
+    return 1024 * 1024 + MAX_HISTORY_TURNS * config.max_message_chars * (1 + ANSWER_CHARS_FACTOR)

@@ -80,7 +80,7 @@ from blip_app.errors import (
     user_message,
 )
 from blip_app.tasks.service import Service
-from blip_app.web.common import captioning_only, is_matching_model
+from blip_app.web.common import captioning_only, is_matching_model, request_body_limit
 from blip_app.web.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -640,8 +640,6 @@ def build_router(service: Service, config: AppConfig, *, limiter: RateLimiter | 
                  prefix: str = "/v1") -> APIRouter:
     """The /v1 routes over ``service``: the same validation, per-client rate limit, queue size and
     cancellation as the page and its named API (see the module docstring)."""
-    from blip_app.web.ui import request_body_limit
-
     limiter = limiter or RateLimiter(config.rate_limit_per_minute)
     admission = Admission(RUNNING, config.queue_size)
     max_image = config.image_limits.max_bytes

@@ -90,5 +90,5 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
         demo.load(handlers.refresh_models, model, [model, status], **LIGHT)
         for event in [*chat["events"], captioned, ask["event"]]:
             event.then(handlers.refresh_models, model, [model, status], **LIGHT)
-    demo.blip_app_service = service  # type: ignore[attr-defined]  # for ui.launch: /v1 serves the same Service
+    demo.blip_app_service = service  # type: ignore[attr-defined]  # for server.launch: /v1 serves the same Service
     return demo

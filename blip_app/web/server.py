@@ -1,7 +1,7 @@
 """The whole web app as one ASGI application: the page (gradio) mounted in a FastAPI app beside ``/v1``.
 
 :func:`build_app` is the one place that puts the parts together, so that the single-process server
-(:func:`serve`, called by ``ui.launch``) and a Ray Serve ingress serve the same thing:
+(:func:`launch`, called by app.py) and a Ray Serve ingress serve the same thing:
 
 - the OpenAI-compatible routes (web/openai_api.py) under ``/v1``, matched before the page;
 - the page and its named API, mounted at ``/`` with ``gr.mount_gradio_app``, which in gradio 6 takes
@@ -13,7 +13,7 @@
   gradio chains to the FastAPI app's;
 - the sweepers of idle sessions and partial uploads, started and stopped by the same lifespan.
 
-No server is started here: ``uvicorn.run(build_app(...))`` or :func:`serve` does that.
+:func:`build_app` starts no server: ``uvicorn.run(build_app(...))``, :func:`serve` or :func:`launch` does.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from blip_app.config import AppConfig
 from blip_app.core.images import install_pillow_limits
 from blip_app.tasks.service import Service
 from blip_app.web import openai_api
+from blip_app.web.common import request_body_limit
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def build_app(demo: gr.Blocks, service: Service, config: AppConfig) -> FastAPI:
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(openai_api.build_router(service, config))
-    guard = Middleware(ui._Guard, max_body=ui.request_body_limit(config), blocks=demo, sessions=sessions,
+    guard = Middleware(ui._Guard, max_body=request_body_limit(config), blocks=demo, sessions=sessions,
                        logins=ui.LoginThrottle(), uploads=uploads)
     gr.mount_gradio_app(
         app, demo, path="/",
@@ -92,6 +93,22 @@ def build_app(demo: gr.Blocks, service: Service, config: AppConfig) -> FastAPI:
     mounted = [route.app for route in app.routes if isinstance(route, Mount)]
     demo.blip_app_gradio_app = mounted[-1] if mounted else None  # type: ignore[attr-defined]
     return app
+
+
+def launch(demo: gr.Blocks, config: AppConfig, *, service: Service | None = None, prevent_thread_lock: bool = False,
+           quiet: bool = False) -> str:
+    """Serve ``demo`` and, for ``service``, /v1 beside it; returns the local URL. Without ``service`` the
+    Service is the page's own (page.build_ui records it). Blocks until the server stops unless
+    ``prevent_thread_lock``; the sweepers also end at exit (normal, Ctrl-C or SIGTERM: see app.main).
+    """
+    from blip_app.web import ui
+
+    service = service or getattr(demo, "blip_app_service", None)
+    if service is None:
+        raise ValueError("launch() needs the Service behind the page for /v1: pass service=...")
+    app = build_app(demo, service, config)
+    ui._clean_at_exit(demo.blip_app_uploads.close, demo.blip_app_sessions.stop)
+    return serve(app, demo, config, prevent_thread_lock=prevent_thread_lock, quiet=quiet)
 
 
 class _Server(uvicorn.Server):

@@ -1,7 +1,8 @@
 """The Chat, Caption and Ask tabs, the model picker's handlers and the API endpoints for scripts
 (``/caption``, ``/answer``, ``/chat``, ``/models``; ``/trust``, ``/search``, ``/embed`` and the Compare,
-Search and Batch tabs are in web/tools.py, and web/page.py composes the page); :func:`launch` starts the
-server. The Service validates every request, picks the model and runs it; nothing here branches on a model family.
+Search and Batch tabs are in web/tools.py, and web/page.py composes the page); the guard, session and
+upload sweepers that web/server.py puts in front of the page. The Service validates every request, picks
+the model and runs it; nothing here branches on a model family.
 
 How this module keeps its promises:
 
@@ -41,13 +42,12 @@ import spaces  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
 from gradio.utils import get_upload_folder, is_in_or_equal  # noqa: E402
 
-from blip_app.config import AppConfig  # noqa: E402
 from blip_app.core.images import ImageLimits, image_digest, load_image  # noqa: E402
 from blip_app.core.settings import PRESET_HELP, Limits, Preset, Task, preset_settings  # noqa: E402
 from blip_app.errors import BadImageError, BadInputError, BlipAppError, CancelledError, user_message  # noqa: E402
 from blip_app.models.manager import ModelState  # noqa: E402
 from blip_app.tasks.service import Request, Service  # noqa: E402
-from blip_app.web.common import captioning_only
+from blip_app.web.common import captioning_only, request_body_limit  # noqa: F401 - request_body_limit: for callers
 from blip_app.web.ratelimit import RateLimiter  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -1499,34 +1499,6 @@ async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
-
-
-def request_body_limit(config: AppConfig) -> int:
-    """The largest request body accepted (uploads aside): a /chat call carrying the longest history kept.
-
-    That is MAX_HISTORY_TURNS turns of a full-length question and answer, plus room for the rest; the
-    page's own requests are a few kilobytes (images travel as uploads).
-    """
-    from blip_app.tasks.service import ANSWER_CHARS_FACTOR, MAX_HISTORY_TURNS
-
-    return 1024 * 1024 + MAX_HISTORY_TURNS * config.max_message_chars * (1 + ANSWER_CHARS_FACTOR)
-
-
-def launch(demo: gr.Blocks, config: AppConfig, *, service: Service | None = None, prevent_thread_lock: bool = False,
-           quiet: bool = False) -> str:
-    """Serve ``demo`` and, for ``service``, the OpenAI-compatible /v1 beside it (web/server.py builds the
-    app); returns the local URL. Without ``service`` the Service is taken from the page (page.build_ui).
-
-    Blocks until the server stops unless ``prevent_thread_lock``.
-    """
-    from blip_app.web import server
-
-    service = service or getattr(demo, "blip_app_service", None)
-    if service is None:
-        raise ValueError("launch() needs the Service behind the page for /v1: pass service=...")
-    app = server.build_app(demo, service, config)
-    _clean_at_exit(demo.blip_app_uploads.close, demo.blip_app_sessions.stop)
-    return server.serve(app, demo, config, prevent_thread_lock=prevent_thread_lock, quiet=quiet)
 
 
 def _join(thread: threading.Thread | None) -> None:
