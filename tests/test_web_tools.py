@@ -61,11 +61,10 @@ def refused(client: Client, *args, api_name: str, **kwargs) -> str:
 
 def test_the_trust_options(monkeypatch: pytest.MonkeyPatch) -> None:
     from blip_app.config import DEFAULT_TRUST_MODEL, parse_config
-    from blip_app.models.retrieval import DEFAULT_RETRIEVAL_MODEL
 
     monkeypatch.delenv("BLIP_APP_TRUST_MODEL", raising=False)
     monkeypatch.delenv("BLIP_APP_TRUST", raising=False)
-    assert DEFAULT_TRUST_MODEL == DEFAULT_RETRIEVAL_MODEL
+    assert DEFAULT_TRUST_MODEL == "blip2-itm-vit-g"
     config = parse_config(["--model", "blip2-opt-2.7b"])
     assert config.trust_model == DEFAULT_TRUST_MODEL and config.trust
     assert config.offered_models == ("blip2-opt-2.7b", DEFAULT_TRUST_MODEL)
@@ -77,19 +76,6 @@ def test_the_trust_options(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_config([]).trust_model == "Salesforce/blip2-itm-vit-g"
     with pytest.raises(SystemExit):
         parse_config(["--model", "blip2-opt-2.7b", "--trust-model", "blip2-opt-2.7b"])
-
-
-def test_constants_written_out_in_ui_extra_agree_with_their_modules() -> None:
-    from blip_app.models import retrieval
-    from blip_app.tasks import compare
-    from blip_app.web import common as web_common
-    from blip_app.web import tools as web_tools
-
-    assert web_common.MATCHING_FAMILY == retrieval.RetrievalFamily.BLIP2_ITM.value
-    assert web_common.MATCHING_ARCHITECTURE == retrieval.RETRIEVAL_ARCHITECTURE
-    assert web_tools.SEARCH_LIMIT == retrieval.MAX_SEARCH_IMAGES
-    assert web_tools.SEARCH_TEXT_CHARS == retrieval.MAX_TEXT_CHARS
-    assert web_tools.COMPARE_LIMIT == compare.MAX_MODELS
 
 
 def test_the_picker_leaves_out_the_matching_model_by_catalog_name_or_config() -> None:

@@ -41,11 +41,13 @@ import spaces
 from gradio.data_classes import FileData
 
 from blip_app.config import AppConfig
+from blip_app.core.catalog import MAX_SEARCH_IMAGES, MAX_TEXT_CHARS
 from blip_app.core.images import ImageLimits, load_image
 from blip_app.core.settings import Limits, Preset, Task, resolve_settings
 from blip_app.errors import BadImageError, BadInputError, BlipAppError, user_message
 from blip_app.models.manager import ModelState
 from blip_app.tasks.batch import BatchItem, BatchResult, iter_images
+from blip_app.tasks.compare import MAX_MODELS
 from blip_app.tasks.exports import (
     batch_to_csv,
     batch_to_jsonl,
@@ -84,10 +86,9 @@ from blip_app.web.ui import (
 
 log = logging.getLogger(__name__)
 
-# Limits written out because the modules that hold them import torch (tests/test_web_tools.py checks them).
-SEARCH_LIMIT = 100  # retrieval.MAX_SEARCH_IMAGES
-COMPARE_LIMIT = 3  # compare.MAX_MODELS
-SEARCH_TEXT_CHARS = 2000  # retrieval.MAX_TEXT_CHARS
+SEARCH_LIMIT = MAX_SEARCH_IMAGES
+COMPARE_LIMIT = MAX_MODELS
+SEARCH_TEXT_CHARS = MAX_TEXT_CHARS
 
 # What ui.Handlers._single writes around a reply in the Caption and Ask boxes.
 THINKING = "thinking…"
