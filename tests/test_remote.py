@@ -90,7 +90,8 @@ def test_the_name_syntax_is_checked_at_start_up() -> None:
     assert (target.base_url, target.model, target.label) == ("http://10.0.0.7:7860/v1", "blip2-opt-2.7b",
                                                             "blip2-opt-2.7b @ 10.0.0.7:7860")
     for bad, words in (("remote:http://h:1/v1", "names no model"), ("remote:ftp://h/v1#m", "http:// or https://"),
-                       ("remote:http://u:p@h/v1#m", "BLIP_APP_REMOTE_API_KEY"), ("remote:http://h:x/v1#m", "malformed")):
+                       ("remote:http://u:p@h/v1#m", "BLIP_APP_REMOTE_API_KEY"),
+                       ("remote:http://h:x/v1#m", "malformed")):
         with pytest.raises(UnknownModelError, match=words):
             parse_remote(bad)
     from blip_app.config import parse_config
@@ -166,7 +167,7 @@ def test_remote_refusals_and_failures_become_the_apps_own_messages(server, keyed
 
 
 def test_a_remote_model_in_the_picker_and_behind_this_apps_own_v1(server, keyed, folders, local, picture) -> None:
-    from blip_app.web.ui import model_choices, model_status
+    from blip_app.web.common import model_choices, model_status
 
     name = remote_name(server, folders[0])
     with running_app([name, folders[1]], "--trust-model", "none") as app:

@@ -15,6 +15,7 @@ mistyped name stops the app with a usage error instead of failing on first use.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -40,6 +41,19 @@ class RemoteTarget:
     def label(self) -> str:
         """The picker's short label: ``model @ host:port``."""
         return f"{self.model} @ {self.host}"
+
+
+@dataclass
+class Health:
+    """What the last contact with a remote model's server showed (the manager keeps one per model)."""
+
+    ok: bool | None = None  # None: not contacted yet
+    detail: str = ""
+    at: float = 0.0  # time.time() of the last contact
+
+    def record(self, ok: bool, detail: str) -> None:
+        """Note the outcome of a contact."""
+        self.ok, self.detail, self.at = ok, detail, time.time()
 
 
 def is_remote(name: str) -> bool:

@@ -32,7 +32,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -40,7 +40,7 @@ from PIL import Image
 
 from blip_app.core import prompts
 from blip_app.core.catalog import Family, LanguageModel, ModelRef, PromptStyle
-from blip_app.core.remote import API_KEY_VARIABLE, RemoteTarget
+from blip_app.core.remote import API_KEY_VARIABLE, Health, RemoteTarget
 from blip_app.core.settings import GenerationSettings, ModelTraits, Preset, Task
 from blip_app.errors import (
     BadInputError,
@@ -62,19 +62,6 @@ LIST_TIMEOUT_S = 10.0  # GET /models when the model is first used
 _BLIP_APP_FIELDS = {"max_new_tokens": "max_completion_tokens", "num_beams": "beams", "temperature": "temperature",
                     "top_p": "top_p", "seed": "seed", "do_sample": "do_sample", "min_new_tokens": "min_new_tokens",
                     "repetition_penalty": "repetition_penalty", "length_penalty": "length_penalty"}
-
-
-@dataclass
-class Health:
-    """What the last contact with a remote server showed, for the model picker."""
-
-    ok: bool | None = None  # None: not contacted yet
-    detail: str = ""
-    at: float = 0.0  # time.time() of the last contact
-
-    def record(self, ok: bool, detail: str) -> None:
-        """Note the outcome of a contact."""
-        self.ok, self.detail, self.at = ok, detail, time.time()
 
 
 @dataclass(frozen=True)
@@ -456,14 +443,3 @@ def data_url(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="BMP")
     return "data:image/bmp;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-@dataclass
-class RemoteStates:
-    """The health of each remote model, kept by the manager across connects (one per model name)."""
-
-    by_name: dict[str, Health] = field(default_factory=dict)
-
-    def of(self, name: str) -> Health:
-        """The Health of ``name`` (created on first use)."""
-        return self.by_name.setdefault(name, Health())

@@ -80,7 +80,7 @@ from blip_app.errors import (
     user_message,
 )
 from blip_app.tasks.service import Service
-from blip_app.web.common import captioning_only, is_matching_model, request_body_limit
+from blip_app.web.common import captioning_states, is_matching_model
 from blip_app.web.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -636,19 +636,22 @@ def model_card(state: Any, service: Service, created: int) -> dict[str, Any]:
     return {"id": state.name, "object": "model", "created": created, "owned_by": "blip_app", "blip_app": meta}
 
 
-def build_router(service: Service, config: AppConfig, *, limiter: RateLimiter | None = None,
+def build_router(service: Service, config: AppConfig, *, max_body: int, limiter: RateLimiter | None = None,
                  prefix: str = "/v1") -> APIRouter:
     """The /v1 routes over ``service``: the same validation, per-client rate limit, queue size and
-    cancellation as the page and its named API (see the module docstring)."""
+    cancellation as the page and its named API (see the module docstring).
+
+    ``max_body`` is the largest body the page's API takes (server.request_body_limit); /v1 takes the
+    largest image in base64 on top of it."""
     limiter = limiter or RateLimiter(config.rate_limit_per_minute)
     admission = Admission(RUNNING, config.queue_size)
     max_image = config.image_limits.max_bytes
-    max_body = request_body_limit(config) + max_image * 4 // 3 + 1024
+    max_body = max_body + max_image * 4 // 3 + 1024
     created = int(time.time())
     router = APIRouter(prefix=prefix)
 
     def listed() -> list[dict[str, Any]]:
-        return [model_card(state, service, created) for state in captioning_only(service, service.models())]
+        return [model_card(state, service, created) for state in captioning_states(service)]
 
     @router.get("/models")
     async def models(request: Request) -> Response:
