@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("Preloading %s", config.default_model)
         log.info(service.load(config.default_model))
     _stop_on_sigterm()
-    server.launch(demo, config)
+    server.launch(demo, config, service=service)
     return 0
 
 

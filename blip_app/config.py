@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from blip_app.core.catalog import DEFAULT_RETRIEVAL_MODEL
 from blip_app.core.devices import PRECISIONS, QUANTIZATIONS, LoadOptions
 from blip_app.core.images import ImageLimits
+from blip_app.core.remote import is_remote, parse_remote
 from blip_app.core.settings import Limits
+from blip_app.errors import UnknownModelError
 
 # Offered when no --model is given: small enough for a CPU or a free GPU, one of each family.
 DEFAULT_MODELS = ("blip2-opt-2.7b", "blip2-flan-t5-xl", "instructblip-flan-t5-xl", "instructblip-vicuna-7b")
@@ -49,6 +51,8 @@ class AppConfig:
     max_batch_images: int = 100  # images one Batch run in the page may caption
     # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client; none: the peer is the client
     trusted_proxies: tuple[str, ...] = ()
+    # The key /v1 requires as "Authorization: Bearer <key>" (None: /v1 is open, like the page's API)
+    api_key: str | None = field(default=None, repr=False)
 
     @property
     def offered_models(self) -> tuple[str, ...]:
@@ -67,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="app.py", description="Talk with images through BLIP-2 and InstructBLIP in the browser."
     )
     parser.add_argument("--model", action="append", dest="models", metavar="NAME_OR_PATH",
-                        help="a model to offer (repeatable): catalog name, hub id or checkpoint folder "
+                        help="a model to offer (repeatable): catalog name, hub id, checkpoint folder, or "
+                             "remote:<base URL>#<model id> for a model another OpenAI-compatible server runs "
                              "[BLIP_APP_MODELS, comma-separated]")
     parser.add_argument("--default-model", help="the model selected at start [BLIP_APP_DEFAULT_MODEL]")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N [BLIP_APP_DEVICE]")
@@ -110,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "X-Forwarded-For header names the client, for the rate limit; by default the header "
                              "is ignored (on Spaces, the entry the platform's proxy adds is used) "
                              "[BLIP_APP_TRUSTED_PROXIES, comma-separated]")
+    parser.add_argument("--api-key", metavar="KEY",
+                        help="require this key as 'Authorization: Bearer KEY' on the OpenAI-compatible /v1 "
+                             "routes [BLIP_APP_API_KEY; the variable keeps it out of the process list]")
     return parser
 
 
@@ -127,6 +135,12 @@ def parse_config(argv: Sequence[str] | None = None) -> AppConfig:
     args = parser.parse_args(argv)
     models = tuple(args.models or [m.strip() for m in (_env("MODELS") or "").split(",") if m.strip()]) or DEFAULT_MODELS
     default_model = str(_flag(args.default_model, "DEFAULT_MODEL", models[0]))
+    for name in models:
+        if is_remote(name):
+            try:
+                parse_remote(name)
+            except UnknownModelError as exc:
+                parser.error(str(exc))
     if default_model not in models:
         parser.error(f"--default-model {default_model} is not among the offered models: {', '.join(models)}")
     precision = str(_flag(args.precision, "PRECISION", "auto"))
@@ -195,6 +209,7 @@ def parse_config(argv: Sequence[str] | None = None) -> AppConfig:
         trust=trust_model is not None and (trust == "on" or _truthy(trust)),
         max_batch_images=max_batch_images,
         trusted_proxies=tuple(trusted_proxies),
+        api_key=str(_flag(args.api_key, "API_KEY", "")).strip() or None,
     )
 
 

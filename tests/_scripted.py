@@ -67,7 +67,8 @@ class ScriptedModel:
         return None
 
     def prepare(self, task: Task, *, question: str = "", history: Sequence[prompts.Turn] = (),
-                short: bool = False, detailed: bool = False, max_new_tokens: int = 30) -> ScriptedPrepared:
+                short: bool = False, detailed: bool = False, max_new_tokens: int = 30, preset: Any = None,
+                overrides: Any = None) -> ScriptedPrepared:
         style = self.spec.prompt_style
         budget = self.spec.context_tokens - self.spec.num_query_tokens
         if self.spec.decoder_only:

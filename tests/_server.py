@@ -97,7 +97,7 @@ def _serve(flags: list[str], cache_dir: str | os.PathLike[str] | None) -> Iterat
             manager = ModelManager(config.models, options, loader=Loader(), memory_budget_gb=config.memory_budget_gb)
         demo, service = app_module.create_app(config, manager=manager)
         try:
-            url = server.launch(demo, config, prevent_thread_lock=True, quiet=True)
+            url = server.launch(demo, config, service=service, prevent_thread_lock=True, quiet=True)
         except OSError as exc:
             last_error = exc
             continue

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from blip_app.core.remote import RemoteTarget, is_remote, parse_remote
 from blip_app.errors import UnknownModelError, UnsupportedCheckpointError
 
 
@@ -162,10 +163,13 @@ class ModelRef:
     source: str  # hub id or absolute folder path handed to from_pretrained
     entry: CatalogEntry | None
     is_local: bool
+    remote: RemoteTarget | None = None  # a model another OpenAI-compatible server runs (core/remote.py)
 
     @property
     def label(self) -> str:
-        """A short human label: the catalog name, or the folder / hub id as given."""
+        """A short human label: the catalog name, the remote model and its host, or the folder / hub id."""
+        if self.remote is not None:
+            return self.remote.label
         return self.entry.name if self.entry else self.name
 
 
@@ -185,6 +189,9 @@ def resolve(name: str) -> ModelRef:
     text = (name or "").strip()
     if not text:
         raise UnknownModelError("No model was given. Choose one of: " + ", ".join(CATALOG) + ".")
+    if is_remote(text):
+        target = parse_remote(text)
+        return ModelRef(name=text, source=target.base_url, entry=None, is_local=False, remote=target)
     entry = find_entry(text)
     if entry is not None:
         return ModelRef(name=text, source=entry.hub_id, entry=entry, is_local=False)

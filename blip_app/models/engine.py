@@ -670,8 +670,13 @@ class LoadedModel:
         short: bool = False,
         detailed: bool = False,
         max_new_tokens: int = 30,
+        preset: Any = None,
+        overrides: Mapping[str, Any] | None = None,
     ) -> Prepared:
-        """Phase 1: the prompt for a task, fitted into the context, and its token ids."""
+        """Phase 1: the prompt for a task, fitted into the context, and its token ids.
+
+        ``preset`` and ``overrides`` (the request's own, see kinds.Captioner) are not needed here: the
+        service hands this model its resolved settings."""
         style = self.spec.prompt_style
         budget = self.text_budget(max_new_tokens)
         if task is Task.CAPTION:

@@ -1,7 +1,8 @@
 """The two kinds of model the manager holds, as the layers above it see them.
 
 The tasks ask ``isinstance(model, Captioner)`` rather than probing for attributes: the engine's
-LoadedModel is a Captioner, the image-text matching RetrievalModel a Matcher. Both keep caches that
+LoadedModel is a Captioner, and so is remote.RemoteModel (a model another OpenAI-compatible server
+runs); the image-text matching RetrievalModel is a Matcher. Both keep caches that
 the manager counts in its memory budget and clears when it parks or frees them.
 """
 
@@ -25,7 +26,13 @@ class Cached(Protocol):
 
 @runtime_checkable
 class Captioner(Cached, Protocol):
-    """BLIP-2 or InstructBLIP: prepare a request's prompt, then generate (or stream) its answer."""
+    """BLIP-2 or InstructBLIP: prepare a request's prompt, then generate (or stream) its answer.
+
+    ``prepare`` receives the request's task and text, the resolved ``max_new_tokens``, and the request's
+    own ``preset`` and ``overrides``: a model that another server runs (remote.RemoteModel) passes those
+    on, so that the server resolves the settings for its model as it does for its own page; the engine's
+    LoadedModel uses the resolved settings it is handed.
+    """
 
     spec: Any  # engine.ModelSpec: family, language model, prompt style, context
     checkpoint_generation: Mapping[str, Any]

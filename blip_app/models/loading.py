@@ -7,7 +7,8 @@ never imports a model class. Every step a real checkpoint takes is here, in orde
    (``core.catalog`` lists the captioning and the image-text matching checkpoints);
 2. ``fetch``: a hub checkpoint is downloaded into the Hugging Face cache, or found there; a failure
    removes the partial files and names cause and fix (``checkpoints.explain_load_error``);
-3. ``load``: the class is chosen from ``config.json`` by ``checkpoints.is_matching``
+3. ``load``: a remote model (``remote:<URL>#<id>``) is connected to (models/remote.py); otherwise
+   the class is chosen from ``config.json`` by ``checkpoints.is_matching``
    (``Blip2ForImageTextRetrieval`` gives a :class:`~blip_app.models.retrieval.RetrievalModel`,
    anything else the engine's ``LoadedModel``),
    then loaded with the device plan of ``core.devices``.
@@ -84,7 +85,10 @@ def is_cached(repo_id: str, cache_dir: str | None = None) -> bool:
 
 
 def is_matching(ref: ModelRef, options: Any, *, source: str | None = None, download: bool = False) -> bool:
-    """Whether ``ref`` is an image-text matching checkpoint (see ``checkpoints.is_matching``)."""
+    """Whether ``ref`` is an image-text matching checkpoint (see ``checkpoints.is_matching``); a remote
+    model never is (it is offered for captions and answers)."""
+    if ref.remote is not None:
+        return False
     from blip_app.models.checkpoints import is_matching as read
 
     return read(ref, options, source=source, download=download)
@@ -92,7 +96,12 @@ def is_matching(ref: ModelRef, options: Any, *, source: str | None = None, downl
 
 def load_model(ref: ModelRef, options: Any, *, hardware: Any = None, source: str | None = None,
                **engine_options: Any) -> Any:
-    """A :class:`RetrievalModel` for an image-text matching checkpoint, else the engine's :class:`LoadedModel`."""
+    """A :class:`RetrievalModel` for an image-text matching checkpoint, a :class:`RemoteModel` for a model
+    another server runs (``engine_options`` then carries its ``health``), else the engine's :class:`LoadedModel`."""
+    if ref.remote is not None:
+        from blip_app.models.remote import RemoteModel
+
+        return RemoteModel.connect(ref, options, **engine_options)
     from blip_app.models.engine import LoadedModel
     from blip_app.models.retrieval import RetrievalModel
 

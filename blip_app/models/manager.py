@@ -9,6 +9,9 @@
   names cause and fix, and the models that were serving keep serving.
 - The manager receives its :class:`~blip_app.models.loading.Loader` (how a name becomes a model) and
   never imports a model class: tests give it scripted models the same way.
+- A remote model (``remote:<URL>#<id>``, models/remote.py) is "loaded" by asking its server for its
+  models (the Loader's ``load``); it is not downloaded, takes no memory here, is never evicted, and its
+  state in the picker is what the last contact with its server showed ("remote", or "unreachable").
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blip_app.core.catalog import BYTES_PER_PARAM, ModelRef
+from blip_app.core.remote import Health
 from blip_app.errors import BusyError, UnknownModelError
 
 if TYPE_CHECKING:
@@ -45,7 +49,7 @@ class ModelState:
     name: str
     label: str
     family: str
-    state: str  # loaded, parked, loading, on disk, download, folder
+    state: str  # loaded, parked, loading, on disk, download, folder; remote or unreachable for a remote model
     detail: str  # one line for people: "loaded (bfloat16 on cpu)", "needs a download of about 15 GB"
     description: str
 
@@ -81,6 +85,7 @@ class ModelManager:
         self._released = threading.Condition(self._lock)
         self._budget_bytes = int(memory_budget_gb * GB) if memory_budget_gb else None
         self._busy_timeout_s = busy_timeout_s
+        self._health: dict[str, Health] = {}  # remote model name -> the outcome of its last contact
 
     # ---------------------------------------------------------------- what is offered
 
@@ -114,6 +119,9 @@ class ModelManager:
             loading = {name for name, lock in self._loading.items() if lock.locked()}
         result = []
         for name, ref in self._refs.items():
+            if ref.remote is not None:
+                result.append(self._remote_state(ref, loaded.get(name), name in loading))
+                continue
             entry = ref.entry
             family = entry.family.value if entry else "checkpoint"
             if name in loaded:
@@ -133,6 +141,28 @@ class ModelManager:
             description = entry.description if entry else f"checkpoint at {ref.source}"
             result.append(ModelState(name, ref.label, family, state, detail, description))
         return result
+
+    def _remote_state(self, ref: ModelRef, model: Any, loading: bool) -> ModelState:
+        """A remote model's state: what the last contact with its server showed (no network here)."""
+        health = self._health.get(ref.name)
+        family = getattr(getattr(getattr(model, "spec", None), "family", None), "value", None) or "remote"
+        where = f"served by {ref.source}"
+        if loading:
+            state, detail = "remote", f"{where}, connecting now"
+        elif health is None or health.ok is None:
+            state, detail = "remote", f"{where}, not contacted yet"
+        elif health.ok:
+            ago = max(0, int(time.time() - health.at))
+            state, detail = "remote", f"{where}, answered {ago} s ago"
+        else:
+            state, detail = "unreachable", health.detail.rstrip(".")
+        description = f"{ref.remote.model} on the OpenAI-compatible server at {ref.remote.host}"
+        return ModelState(ref.name, ref.label, family, state, detail, description)
+
+    def peek(self, name: str) -> Any | None:
+        """The model ``name`` if it is loaded, else None; neither loads it nor marks it used."""
+        with self._lock:
+            return self._loaded.get(name)
 
     def loaded_names(self) -> list[str]:
         """Names of the models in memory, least recently used first."""
@@ -199,6 +229,8 @@ class ModelManager:
 
     def _load(self, ref: ModelRef) -> Any:
         started = time.monotonic()
+        if ref.remote is not None:
+            return self._connect(ref)
         # Most failures happen here, before anything is evicted.
         source = None if ref.is_local else self._loader.fetch(ref, self.options)
         need = self._estimate_bytes(ref, source or ref.source)
@@ -216,6 +248,14 @@ class ModelManager:
             if old is not None:
                 _free(old)
         log.info("Loaded %s in %.1f s", ref.label, time.monotonic() - started)
+        return model
+
+    def _connect(self, ref: ModelRef) -> Any:
+        """A remote model: its server is asked whether it offers the model (no memory is reserved)."""
+        with self._lock:
+            health = self._health.setdefault(ref.name, Health())
+        model = self._loader.load(ref, self.options, health=health)
+        log.info("Connected to %s", ref.label)
         return model
 
     def _estimate_bytes(self, ref: ModelRef, folder: str) -> int:
@@ -259,7 +299,8 @@ class ModelManager:
                 if used + need <= budget:
                     self._reserved[exclude] = need
                     return evicted
-                idle = [n for n in self._loaded if n != exclude and self._users.get(n, 0) == 0]
+                idle = [n for n in self._loaded if n != exclude and self._users.get(n, 0) == 0
+                        and not getattr(self._loaded[n], "remote", False)]  # a remote model holds no memory here
                 if idle:
                     name = idle[0]
                     model = self._loaded.pop(name)
@@ -330,6 +371,9 @@ def _empty_cuda() -> None:
 
 def _free(model: Any) -> None:
     """Drop a model's weights and caches, and check that the memory came back."""
+    if getattr(model, "remote", False):
+        model.close()
+        return
     import torch
 
     device = model.plan.device

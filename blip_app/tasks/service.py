@@ -160,7 +160,8 @@ class Service:
         settings = self.settings_for(loaded, request)
         prepared = loaded.prepare(request.task, question=request.question, history=request.history,
                                   short=request.short, detailed=request.detailed,
-                                  max_new_tokens=settings.max_new_tokens)
+                                  max_new_tokens=settings.max_new_tokens, preset=request.preset,
+                                  overrides=request.overrides)
         if request.older_turns:
             plan = prepared.prompt
             prepared = dataclasses.replace(prepared, prompt=dataclasses.replace(

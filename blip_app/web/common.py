@@ -351,14 +351,15 @@ def captioning_states(service: Service) -> list[ModelState]:
 def model_choices(states: Sequence[ModelState]) -> list[tuple[str, str]]:
     """Dropdown choices: (label with the model's state, model name)."""
     words = {"loaded": "loaded", "parked": "in CPU memory", "loading": "loading…", "on disk": "downloaded",
-             "folder": "local folder"}
+             "folder": "local folder", "remote": "remote", "unreachable": "remote, unreachable"}
     return [(f"{state.label} · {words.get(state.state, state.detail)}", state.name) for state in states]
 
 
 def model_status(states: Sequence[ModelState], name: str) -> str:
     """Markdown: the chosen model's state and description."""
     headline = {"loaded": "Ready", "parked": "Ready soon", "loading": "Loading", "on disk": "Not loaded",
-                "folder": "Not loaded", "download": "Not downloaded"}
+                "folder": "Not loaded", "download": "Not downloaded", "remote": "Remote",
+                "unreachable": "Unreachable"}
     for state in states:
         if state.name == name:
             return (f"**{headline.get(state.state, 'Not loaded')}**: {inert(state.detail)}.\n\n"

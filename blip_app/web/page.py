@@ -126,4 +126,5 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
         demo.load(picker.refresh_models, model, [model, status], **LIGHT)
         for event in [*chatting["events"], captioned, asking["event"]]:
             event.then(picker.refresh_models, model, [model, status], **LIGHT)
+    demo.blip_app_service = service  # type: ignore[attr-defined]  # for server.launch: /v1 serves the same Service
     return demo
