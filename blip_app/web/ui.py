@@ -1560,6 +1560,45 @@ def launch(demo: gr.Blocks, config: AppConfig, *, prevent_thread_lock: bool = Fa
     return url
 
 
+def asgi_app(demo: gr.Blocks, config: AppConfig) -> Any:
+    """``demo`` as an ASGI app (a FastAPI app with the page mounted at /), configured as :func:`launch`
+    serves it: image limits, queue, the _Guard middleware, the session and upload sweepers, theme.
+
+    For servers that run the app themselves (blip_app.serving's Ray Serve ingress); the sweepers start
+    and stop with the app's lifespan.
+    """
+    from fastapi import FastAPI
+    from starlette.middleware import Middleware
+
+    install_pillow_limits(config.image_limits)
+    sessions = Sessions()
+    uploads = Uploads(uploads_limiter(config.rate_limit_per_minute))
+    demo.queue(max_size=config.queue_size, default_concurrency_limit=CONCURRENCY, api_open=False)
+    demo.blip_app_sessions = sessions  # type: ignore[attr-defined]
+    demo.blip_app_uploads = uploads  # type: ignore[attr-defined]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        sessions.start(demo)
+        uploads.start()
+        try:
+            yield
+        finally:
+            uploads.close()
+            sessions.stop()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    return gr.mount_gradio_app(
+        app, demo, path="/", server_name=config.host, server_port=config.port, auth=config.auth,
+        max_file_size=int(config.max_upload_mb * 1024 * 1024), show_error=False, ssr_mode=False, mcp_server=False,
+        enable_monitoring=False,
+        app_kwargs={"middleware": [Middleware(_Guard, max_body=request_body_limit(config), blocks=demo,
+                                              sessions=sessions, logins=LoginThrottle(), uploads=uploads)]},
+        run_history=False, footer_links=["api", "gradio", "settings"],
+        theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="slate"), css=CSS,
+    )
+
+
 def _join(thread: threading.Thread | None) -> None:
     if thread is not None and thread is not threading.current_thread():
         thread.join(timeout=5)
