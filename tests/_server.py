@@ -84,6 +84,7 @@ def _pillow_globals_restored() -> Iterator[None]:
 def _serve(flags: list[str], cache_dir: str | os.PathLike[str] | None) -> Iterator[RunningApp]:
     import app as app_module
     from blip_app.config import parse_config
+    from blip_app.models.loading import Loader
     from blip_app.models.manager import ModelManager
     from blip_app.web import ui
 
@@ -93,7 +94,7 @@ def _serve(flags: list[str], cache_dir: str | os.PathLike[str] | None) -> Iterat
         manager = None
         if cache_dir is not None:
             options = dataclasses.replace(config.load, cache_dir=str(cache_dir))
-            manager = ModelManager(config.models, options, memory_budget_gb=config.memory_budget_gb)
+            manager = ModelManager(config.models, options, loader=Loader(), memory_budget_gb=config.memory_budget_gb)
         demo, service = app_module.create_app(config, manager=manager)
         try:
             url = ui.launch(demo, config, prevent_thread_lock=True, quiet=True)

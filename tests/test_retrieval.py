@@ -20,6 +20,7 @@ from blip_app.core.catalog import CatalogEntry
 from blip_app.core.devices import Hardware, LoadOptions
 from blip_app.errors import BadInputError, UnsupportedCheckpointError
 from blip_app.models.engine import LoadedModel
+from blip_app.models.loading import Loader, load_model
 from blip_app.models.manager import GB, ModelManager
 from blip_app.models.retrieval import (
     CONFIDENCE_THRESHOLDS,
@@ -28,7 +29,6 @@ from blip_app.models.retrieval import (
     confidence_label,
     embed,
     generative_features,
-    load_model,
     plan_retrieval_load,
     resolve_model,
     search,
@@ -172,7 +172,7 @@ def test_a_captioning_checkpoint_is_not_loaded_as_a_matching_model(tiny_checkpoi
 def test_the_manager_holds_both_kinds_within_its_budget(tiny_checkpoints, tiny_retrieval):
     opt, itm_path = str(tiny_checkpoints["blip2-opt"]), str(tiny_retrieval)
     sizes = [load_model(resolve_model(p), FP32).model.get_memory_footprint() for p in (opt, itm_path)]
-    manager = ModelManager([opt, itm_path], FP32, loader=load_model, memory_budget_gb=1.2 * max(sizes) / GB)
+    manager = ModelManager([opt, itm_path], FP32, loader=Loader(), memory_budget_gb=1.2 * max(sizes) / GB)
     service = Service([opt, itm_path], FP32, manager=manager)
     caption = service.caption(opt, RED, preset="fast").text
     trust = trust_score(service, itm_path, RED, caption or "a picture")
@@ -189,7 +189,7 @@ def test_search_ranks_files_by_match_probability(tiny_retrieval, tmp_path):
         image.save(tmp_path / name)
         paths.append(str(tmp_path / name))
     itm_path = str(tiny_retrieval)
-    manager = ModelManager([itm_path], FP32, loader=load_model)
+    manager = ModelManager([itm_path], FP32, loader=Loader())
     hits = search(manager, itm_path, paths, "a red square")
     assert sorted(h.name for h in hits) == ["blue.png", "red.png", "stripes.png"]
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
@@ -241,7 +241,7 @@ def embed_args(*argv: str) -> argparse.Namespace:
 
 def test_embed_api_gives_every_kind(tiny_checkpoints, tiny_retrieval):
     itm_path, opt = str(tiny_retrieval), str(tiny_checkpoints["blip2-opt"])
-    manager = ModelManager([itm_path, opt], FP32, loader=load_model)
+    manager = ModelManager([itm_path, opt], FP32, loader=Loader())
     found = embed(manager, itm_path, [RED, "a red square"], names=["red.png", "a red square"])
     assert [(e.source, e.kind) for e in found] == [
         ("red.png", "image"), ("red.png", "qformer"), ("red.png", "itc-image"),

@@ -166,13 +166,40 @@ def _no_progress(*args, **kwargs) -> None:
     return None
 
 
-@pytest.fixture()
-def handlers(app: RunningApp):
+def _handlers(service):
     from blip_app.core.images import ImageLimits
     from blip_app.web.ratelimit import RateLimiter
     from blip_app.web.ui import Handlers
 
-    return Handlers(app.service, ImageLimits(), RateLimiter(0))
+    return Handlers(service, ImageLimits(), RateLimiter(0))
+
+
+SCRIPTED = {"opt": "blip2-opt", "instructblip-t5": "instructblip-flan-t5"}
+
+
+@pytest.fixture()
+def scripted() -> list:
+    """The models a scripted service loaded (``_scripted.ScriptedModel``), to read what each was asked."""
+    return []
+
+
+@pytest.fixture()
+def handlers(scripted: list):
+    """The page's handlers on a Service whose manager loads scripted models (no weights, no server)."""
+    from _scripted import scripted_loader
+
+    from blip_app.core.devices import LoadOptions
+    from blip_app.models.manager import ModelManager
+    from blip_app.tasks.service import Service
+
+    manager = ModelManager(list(SCRIPTED), LoadOptions(), loader=scripted_loader(SCRIPTED, loaded=scripted))
+    return _handlers(Service(list(SCRIPTED), manager=manager))
+
+
+@pytest.fixture()
+def engine_handlers(app: RunningApp):
+    """The page's handlers on the running app's Service: the real engine on tiny checkpoints."""
+    return _handlers(app.service)
 
 
 @pytest.fixture()
@@ -198,21 +225,31 @@ def _views(handlers, message: str, chat: dict, uploaded: dict, model: str, **set
                                    preset="fast", **settings))
 
 
-def test_the_chat_says_when_older_turns_were_dropped(handlers, uploaded: dict, models: list[str]) -> None:
-    long_answer = " ".join(["the cat is sitting on a warm blanket"] * 60)  # 4 of these pass 2,048 positions
+def test_the_chat_says_when_older_turns_were_dropped(handlers, uploaded: dict, scripted: list) -> None:
+    long_answer = " ".join(["the cat is sitting on a warm blanket"] * 80)  # 640 words: 4 pass 2,048 positions
     chat = _conversation(uploaded, [[f"question {n}?", long_answer] for n in range(4)])
-    final = _views(handlers, "And now?", chat, uploaded, models[0], max_new_tokens=8)[-1]
+    final = _views(handlers, "And now?", chat, uploaded, "opt", max_new_tokens=8)[-1]
     chatbot, state, note = final[:3]
     assert "oldest turn(s) no longer fit" in note
-    assert len(state["turns"]) == 5 and state["turns"][-1][0] == "And now?"
+    assert len(state["turns"]) == 5 and state["turns"][-1] == ["And now?", "opt chat: And now?"]
     assert len(chatbot) == 10 and chatbot[-2] == {"role": "user", "content": "And now\\?"}  # escaped: inert
+    prompt = scripted[0].calls[-1].prompt
+    assert prompt.dropped_turns >= 1 and "question 3?" in prompt.text and "question 0?" not in prompt.text
 
 
-def test_stop_before_the_answer_keeps_the_history(handlers, uploaded: dict, models: list[str]) -> None:
+def test_the_history_reaches_the_model_in_order(handlers, uploaded: dict, scripted: list) -> None:
+    chat = _conversation(uploaded, [["What is it?", "a cat"], ["What colour?", "grey"]])
+    state = _views(handlers, "Is it awake?", chat, uploaded, "instructblip-t5")[-1][1]
+    assert state["turns"][-1] == ["Is it awake?", "instructblip-t5 chat: Is it awake?"]
+    text = scripted[0].calls[-1].prompt.text
+    assert text.index("What is it?") < text.index("a cat") < text.index("What colour?") < text.index("Is it awake?")
+
+
+def test_stop_before_the_answer_keeps_the_history(handlers, uploaded: dict) -> None:
     from blip_app.core.settings import Task
 
     chat = _conversation(uploaded, [["hi", "hello"]])
-    views = handlers.chat_send("What is it?", chat, uploaded, models[0], _Session(), _no_progress, preset="fast")
+    views = handlers.chat_send("What is it?", chat, uploaded, "opt", _Session(), _no_progress, preset="fast")
     pending = next(views)
     assert pending[0][-1]["content"] == "*thinking…*"
     handlers.stop(_Session(), Task.CHAT)
@@ -243,13 +280,15 @@ def test_a_client_over_its_rate_limit_is_told_to_wait(tiny_checkpoints, tmp_path
         assert client.predict(api_name="/models")  # listing models is not limited
 
 
-def test_a_chat_turn_is_one_pass_through_the_service(handlers, uploaded: dict, models: list[str], monkeypatch) -> None:
+def test_a_chat_turn_is_one_pass_through_the_service(engine_handlers, uploaded: dict, models: list[str],
+                                                     monkeypatch) -> None:
     """The turn prepares its prompt once (the inspector's prompt is the stream's first event) and hashes the
     image once (the digest is handed down to the engine's feature cache)."""
     from blip_app.core import images
     from blip_app.models import engine
     from blip_app.web import ui
 
+    handlers = engine_handlers
     handlers.service.load(models[0])
     chat = _conversation(uploaded, [["what is it?", "a cat"]])
     counts = {"prepare": 0, "digest": 0}

@@ -29,22 +29,13 @@ def _options(args: argparse.Namespace) -> LoadOptions:
 
 def _service(args: argparse.Namespace) -> tuple[Any, str]:
     """A service offering ``args.model`` (retrieval catalog names included) and the name to use with it."""
-    from blip_app.errors import UnknownModelError
+    from blip_app.models.loading import Loader
     from blip_app.models.manager import ModelManager
-    from blip_app.models.retrieval import find_retrieval_entry, load_model
     from blip_app.tasks.service import Service
 
     options = _options(args)
-    name = args.model
-    try:
-        manager = ModelManager([name], options, loader=load_model)
-    except UnknownModelError:
-        entry = find_retrieval_entry(name)
-        if entry is None:
-            raise
-        name = entry.hub_id  # a manager that resolves names with the main catalog only takes the hub id
-        manager = ModelManager([name], options, loader=load_model)
-    return Service([name], options, manager=manager), name
+    manager = ModelManager([args.model], options, loader=Loader())
+    return Service([args.model], options, manager=manager), manager.names[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ Two kinds of model are served here:
   and the language model's hidden states for a text.
 
 The retrieval checkpoint has its own small catalog here (:data:`RETRIEVAL_CATALOG`); the manager
-resolves names through :func:`resolve_model` and loads through :func:`load_model`, which picks the
-class from ``config.json``'s ``architectures`` (the retrieval checkpoint has ``model_type`` "blip-2"
+resolves names through :func:`resolve_model`, and ``loading.load_model`` picks the class from
+``config.json``'s ``architectures`` with :func:`is_retrieval` (the retrieval checkpoint has ``model_type`` "blip-2"
 like the captioning ones, so the model type alone cannot tell them apart).
 
 The service-level helpers at the end (:func:`trust_score`, :func:`search`, :func:`embed`) take a
@@ -150,14 +150,6 @@ def is_retrieval(ref: ModelRef, options: LoadOptions = LoadOptions(), *, source:
     if isinstance(ref.entry, CatalogEntry):
         return False
     return RETRIEVAL_ARCHITECTURE in _config_architectures(ref, options, source)
-
-
-def load_model(ref: ModelRef, options: LoadOptions = LoadOptions(), *, hardware: Hardware | None = None,
-               source: str | None = None, **engine_options: Any) -> LoadedModel | RetrievalModel:
-    """The manager's loader: a :class:`RetrievalModel` for an image-text matching checkpoint, else the engine's."""
-    if is_retrieval(ref, options, source=source):
-        return RetrievalModel.load(ref, options, hardware=hardware, source=source)
-    return LoadedModel.load(ref, options, hardware=hardware, source=source, **engine_options)
 
 
 def plan_retrieval_load(options: LoadOptions, hardware: Hardware) -> LoadPlan:
@@ -761,7 +753,6 @@ __all__ = [
     "find_retrieval_entry",
     "generative_features",
     "is_retrieval",
-    "load_model",
     "make_trust",
     "plan_retrieval_load",
     "resolve_model",

@@ -108,10 +108,11 @@ class InferenceReplica:
 
     def __init__(self, offered: Sequence[str], options: LoadOptions, memory_budget_gb: float | None = None,
                  models_per_replica: int | None = None, max_ongoing_requests: int = 16) -> None:
+        from blip_app.models.loading import Loader
         from blip_app.models.manager import ModelManager
 
         logging.getLogger("blip_app").setLevel(logging.INFO)
-        self.manager = ModelManager(list(offered), options, memory_budget_gb=memory_budget_gb)
+        self.manager = ModelManager(list(offered), options, loader=Loader(), memory_budget_gb=memory_budget_gb)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         self.capacity = models_per_replica or self.manager.models_that_fit()

@@ -32,6 +32,7 @@ from typing import Any
 
 from blip_app.core.devices import LoadOptions
 from blip_app.errors import BlipAppError, BusyError, CancelledError, GenerationError
+from blip_app.models.loading import Loader
 from blip_app.models.manager import ModelManager, ModelState
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class RemoteManager:
 
     def __init__(self, handle: Any, offered: Sequence[str], options: LoadOptions = LoadOptions(), *,
                  refresh_s: float = 10.0, history: int = 1000) -> None:
-        self._catalog = ModelManager(offered, options)
+        self._catalog = ModelManager(offered, options, loader=Loader())  # never asked to load
         self.options = options
         self._handle = handle
         self._refresh_s = refresh_s
