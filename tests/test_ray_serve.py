@@ -147,3 +147,57 @@ def test_a_replica_killed_during_a_request(cluster, image) -> None:
     for model in cluster["models"]:
         caption(model)
     assert sorted(results) == sorted(cluster["models"])
+
+
+# ---------------------------------------------------------------------------------------------- no cluster
+
+
+def test_the_deploy_configs_hold_serve_ray_flags() -> None:
+    import yaml
+
+    from blip_app.serving.ray_serve import flags_from, parse_args
+
+    serve_config = yaml.safe_load((ROOT / "deploy" / "serve-config.yaml").read_text())
+    service = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+    inner = yaml.safe_load(service["spec"]["serveConfigV2"])
+    for config in (serve_config, inner):
+        application = config["applications"][0]
+        assert application["import_path"] == "blip_app.serving.ray_serve:build"
+        app_config, cluster = parse_args(flags_from(application["args"]))
+        assert app_config.models == tuple(application["args"]["model"])
+        assert cluster.num_gpus == 1
+    assert parse_args(flags_from(inner["applications"][0]["args"]))[1].autoscaling["max_replicas"] == 4
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert any(w["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for w in workers)
+
+
+def test_flags_from_a_serve_config() -> None:
+    from blip_app.serving.ray_serve import flags_from
+
+    assert flags_from({"model": ["a", "b"], "replicas": 2, "detach": True, "ship_code": False, "address": None}) == [
+        "--model", "a", "--model", "b", "--replicas", "2", "--detach"]
+
+
+def test_bad_cluster_flags_are_refused(capsys) -> None:
+    from blip_app.serving.ray_serve import parse_args
+
+    for flags, message in ((["--replicas", "0"], "--replicas must be at least 1"),
+                           (["--min-replicas", "3", "--max-replicas", "2"], "must not be larger"),
+                           (["--num-gpus", "-1"], "must not be negative")):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "blip2-opt-2.7b", *flags])
+        assert message in capsys.readouterr().err
+
+
+def test_models_per_replica_follow_the_memory_budget(tiny_checkpoints) -> None:
+    from blip_app.core.devices import LoadOptions
+    from blip_app.models.loading import Loader
+    from blip_app.models.manager import ModelManager
+
+    # Catalog sizes at bfloat16: blip2-opt-2.7b about 7.4 GB, blip2-flan-t5-xl about 7.8 GB.
+    offered = ["blip2-opt-2.7b", "blip2-flan-t5-xl", "instructblip-flan-t5-xl"]
+    assert ModelManager(offered, LoadOptions(), loader=Loader(), memory_budget_gb=17).models_that_fit() == 2
+    assert ModelManager(offered, LoadOptions(), loader=Loader(), memory_budget_gb=4).models_that_fit() == 1
+    assert ModelManager(offered, LoadOptions(), loader=Loader(), memory_budget_gb=100).models_that_fit() == 3
+    tiny = [str(tiny_checkpoints["blip2-opt"]), str(tiny_checkpoints["instructblip-flan-t5"])]
+    assert ModelManager(tiny, LoadOptions(), loader=Loader(), memory_budget_gb=1).models_that_fit() == 2

@@ -352,16 +352,23 @@ def build(args: Mapping[str, Any] | None = None) -> Any:
     talks to, so ``address`` and ``detach`` do not apply; the HTTP host and port are the config's
     ``http_options``.
     """
+    argv = flags_from(args or {})
+    config, cluster = parse_args(argv)
+    return build_application(config, cluster)
+
+
+def flags_from(args: Mapping[str, Any]) -> list[str]:
+    """A Serve config's ``args`` as ``serve-ray`` flags: ``{"model": ["a", "b"], "detach": True}`` ->
+    ``["--model", "a", "--model", "b", "--detach"]`` (False and None leave a flag out)."""
     argv: list[str] = []
-    for key, value in (args or {}).items():
+    for key, value in args.items():
         flag = "--" + str(key).replace("_", "-")
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if item is True:
                 argv.append(flag)
             elif item not in (None, False):
                 argv += [flag, str(item)]
-    config, cluster = parse_args(argv)
-    return build_application(config, cluster)
+    return argv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -491,4 +498,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["APP_NAME", "INFERENCE", "INGRESS", "ClusterOptions", "InferenceReplica", "Ingress", "build",
-           "build_application", "connect", "deploy", "main", "parse_args"]
+           "build_application", "connect", "deploy", "flags_from", "main", "parse_args"]
