@@ -201,3 +201,14 @@ def test_models_per_replica_follow_the_memory_budget(tiny_checkpoints) -> None:
     assert ModelManager(offered, LoadOptions(), loader=Loader(), memory_budget_gb=100).models_that_fit() == 3
     tiny = [str(tiny_checkpoints["blip2-opt"]), str(tiny_checkpoints["instructblip-flan-t5"])]
     assert ModelManager(tiny, LoadOptions(), loader=Loader(), memory_budget_gb=1).models_that_fit() == 2
+
+
+def test_several_ingress_replicas_route_by_session() -> None:
+    from blip_app.serving.ray_serve import ClusterOptions, build_application, parse_args
+
+    config, _ = parse_args(["--model", "blip2-opt-2.7b"])
+    ingress = build_application(config, ClusterOptions(ingress_replicas=3))._bound_deployment
+    router = ingress._deployment_config.request_router_config
+    assert ingress._deployment_config.num_replicas == 3
+    assert router.request_router_class.endswith("ConsistentHashRouter")
+    assert router.request_router_kwargs == {"num_fallback_replicas": 0}  # strict: a page's events need its replica
