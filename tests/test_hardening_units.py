@@ -124,7 +124,7 @@ def test_delete_uploads_after_flag() -> None:
 def test_the_api_wrapper_keeps_what_gr_api_reads() -> None:
     import gradio as gr
 
-    from blip_app.web.ui import _stops_when_abandoned
+    from blip_app.web.api import _stops_when_abandoned
 
     def caption(image: dict, model: str = "m", max_new_tokens: int | None = None, request: gr.Request = None) -> str:
         """Doc."""

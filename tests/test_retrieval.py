@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from blip_app.cli import commands as cli_commands
-from blip_app.core.catalog import CatalogEntry
+from blip_app.core.catalog import CatalogEntry, resolve_model
 from blip_app.core.devices import Hardware, LoadOptions
 from blip_app.errors import BadInputError, UnsupportedCheckpointError
 from blip_app.models.engine import LoadedModel
@@ -30,7 +30,6 @@ from blip_app.models.retrieval import (
     embed,
     generative_features,
     plan_retrieval_load,
-    resolve_model,
     search,
     trust_score,
     trust_text,
@@ -167,6 +166,24 @@ def test_a_captioning_checkpoint_is_not_loaded_as_a_matching_model(tiny_checkpoi
     with pytest.raises(UnsupportedCheckpointError, match="not an image-text matching one"):
         RetrievalModel.load(ref, FP32)
     assert isinstance(load_model(ref, FP32), LoadedModel)
+
+
+def test_one_place_says_whether_a_model_is_a_matching_one(tiny_checkpoints, tiny_retrieval, tmp_path):
+    """The manager asks checkpoints.is_matching (through its Loader): by catalog entry, else config.json on
+    disk; a hub checkpoint that is not downloaded counts as captioning and nothing is downloaded."""
+    from blip_app.errors import ModelLoadError
+    from blip_app.models.checkpoints import is_matching
+
+    opt, itm = str(tiny_checkpoints["blip2-opt"]), str(tiny_retrieval)
+    offline = LoadOptions(cache_dir=str(tmp_path), local_files_only=True)
+    manager = ModelManager(["blip2-itm-vit-g", "blip2-opt-2.7b", opt, itm, "someone/unknown-blip2"], offline,
+                           loader=Loader())
+    answers = {name: manager.is_matching(name) for name in manager.names}
+    assert answers == {"blip2-itm-vit-g": True, "blip2-opt-2.7b": False, opt: False, itm: True,
+                       "someone/unknown-blip2": False}
+    assert not manager.is_matching("not-offered") and not list(tmp_path.iterdir())  # nothing downloaded
+    with pytest.raises(ModelLoadError, match="not in the local cache"):  # when loading, it must know
+        is_matching(manager.ref("someone/unknown-blip2"), offline, download=True)
 
 
 def test_the_manager_holds_both_kinds_within_its_budget(tiny_checkpoints, tiny_retrieval):

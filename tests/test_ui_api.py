@@ -15,7 +15,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "chelsea.jpg"
-# ui.add_api's four, and ui_extra.add_extra_api's three (the default trust model is offered, downloaded or not)
+# web/api.py: four generation endpoints and the matching model's three (the default trust model is offered)
 ENDPOINTS = {"/caption", "/answer", "/chat", "/models", "/trust", "/search", "/embed"}
 
 
@@ -135,7 +135,7 @@ def test_the_server_still_answers_after_errors(client: Client, image: dict, mode
 
 
 def test_text_for_people_is_made_inert() -> None:
-    from blip_app.web.ui import inert
+    from blip_app.web.common import inert
 
     shown = inert("<img src=x onerror=alert(1)> ![a](http://x/a.png) [l](javascript:x) www.a.com $$x$$ `c`")
     assert "<" not in shown.replace("\\<", "")
@@ -146,7 +146,7 @@ def test_text_for_people_is_made_inert() -> None:
 
 def test_untouched_sliders_leave_the_preset_in_charge() -> None:
     from blip_app.core.settings import Preset, Task, preset_settings
-    from blip_app.web.ui import split_settings
+    from blip_app.web.common import split_settings
 
     defaults = preset_settings(Task.CHAT, Preset.FAST)
     untouched = {"preset": "fast", "num_beams": defaults.num_beams, "max_new_tokens": defaults.max_new_tokens}
@@ -167,11 +167,11 @@ def _no_progress(*args, **kwargs) -> None:
 
 
 def _handlers(service):
-    from blip_app.core.images import ImageLimits
+    from blip_app.config import AppConfig
+    from blip_app.web.page import Tabs
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.ui import Handlers
 
-    return Handlers(service, ImageLimits(), RateLimiter(0))
+    return Tabs.create(service, AppConfig(), RateLimiter(0))
 
 
 SCRIPTED = {"opt": "blip2-opt", "instructblip-t5": "instructblip-flan-t5"}
@@ -221,7 +221,7 @@ def _conversation(uploaded: dict, turns: list[list[str]]) -> dict:
 
 
 def _views(handlers, message: str, chat: dict, uploaded: dict, model: str, **settings) -> list[tuple]:
-    return list(handlers.chat_send(message, chat, uploaded, model, _Session(), _no_progress,
+    return list(handlers.chat.chat_send(message, chat, uploaded, model, _Session(), _no_progress,
                                    preset="fast", **settings))
 
 
@@ -249,10 +249,10 @@ def test_stop_before_the_answer_keeps_the_history(handlers, uploaded: dict) -> N
     from blip_app.core.settings import Task
 
     chat = _conversation(uploaded, [["hi", "hello"]])
-    views = handlers.chat_send("What is it?", chat, uploaded, "opt", _Session(), _no_progress, preset="fast")
+    views = handlers.chat.chat_send("What is it?", chat, uploaded, "opt", _Session(), _no_progress, preset="fast")
     pending = next(views)
     assert pending[0][-1]["content"] == "*thinking…*"
-    handlers.stop(_Session(), Task.CHAT)
+    handlers.chat.stop(_Session(), Task.CHAT)
     final = list(views)[-1]
     chatbot, state, note, message = final[:4]
     assert "Stopped" in note and message == "What is it?"  # the question is back in the box
@@ -286,7 +286,7 @@ def test_a_chat_turn_is_one_pass_through_the_service(engine_handlers, uploaded: 
     image once (the digest is handed down to the engine's feature cache)."""
     from blip_app.core import images
     from blip_app.models import engine
-    from blip_app.web import ui
+    from blip_app.web.tabs import chat as chat_tab
 
     handlers = engine_handlers
     handlers.service.load(models[0])
@@ -303,7 +303,7 @@ def test_a_chat_turn_is_one_pass_through_the_service(engine_handlers, uploaded: 
         return digest(image)
 
     monkeypatch.setattr(engine.LoadedModel, "prepare", counting_prepare)
-    monkeypatch.setattr(ui, "image_digest", counting_digest)
+    monkeypatch.setattr(chat_tab, "image_digest", counting_digest)
     monkeypatch.setattr(engine, "image_digest", counting_digest)
     views = _views(handlers, "And the colour?", chat, uploaded, models[0], max_new_tokens=4)
     state = views[-1][1]

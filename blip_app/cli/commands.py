@@ -44,7 +44,7 @@ def _service(args: argparse.Namespace) -> tuple[Any, str]:
 
 def add_embed_parser(commands: Any) -> argparse.ArgumentParser:
     """Add ``embed IMAGE_OR_TEXT... [--model NAME] [--json]`` to a sub-command set."""
-    from blip_app.models.retrieval import DEFAULT_RETRIEVAL_MODEL
+    from blip_app.core.catalog import DEFAULT_RETRIEVAL_MODEL
 
     parser = commands.add_parser(
         "embed", help="print the features a model gives for images and texts",
@@ -104,7 +104,7 @@ def cmd_embed(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def add_trust_parsers(commands: Any) -> None:
     """Add ``trust IMAGE TEXT`` and ``search QUERY IMAGE_FOLDER_OR_ZIP...`` to a sub-command set."""
-    from blip_app.models.retrieval import DEFAULT_RETRIEVAL_MODEL
+    from blip_app.core.catalog import DEFAULT_RETRIEVAL_MODEL
 
     for name, helptext in (("trust", "how well a text matches an image (the image-text matching score)"),
                            ("search", "rank images (files, folders, zips) by how well they match a sentence")):

@@ -4,11 +4,12 @@ The manager (``manager.py``) keeps models within a memory budget; it receives a 
 never imports a model class. Every step a real checkpoint takes is here, in order:
 
 1. ``resolve``: a catalog name, hub id or local folder becomes a :class:`~blip_app.core.catalog.ModelRef`
-   (the image-text matching checkpoints have a small catalog of their own in ``retrieval.py``);
+   (``core.catalog`` lists the captioning and the image-text matching checkpoints);
 2. ``fetch``: a hub checkpoint is downloaded into the Hugging Face cache, or found there; a failure
-   removes the partial files and names cause and fix (``engine.explain_load_error``);
-3. ``load``: the class is chosen from ``config.json`` (``Blip2ForImageTextRetrieval`` gives a
-   :class:`~blip_app.models.retrieval.RetrievalModel`, anything else the engine's ``LoadedModel``),
+   removes the partial files and names cause and fix (``checkpoints.explain_load_error``);
+3. ``load``: the class is chosen from ``config.json`` by ``checkpoints.is_matching``
+   (``Blip2ForImageTextRetrieval`` gives a :class:`~blip_app.models.retrieval.RetrievalModel`,
+   anything else the engine's ``LoadedModel``),
    then loaded with the device plan of ``core.devices``.
 
 Tests hand the manager a Loader whose ``load`` builds a scripted model, so the layers above are tested
@@ -25,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blip_app.core.catalog import ModelRef, resolve
-from blip_app.errors import UnknownModelError
+from blip_app.core.catalog import ModelRef, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -35,27 +35,15 @@ _WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 _SUPPORT_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "tokenizer*", "qformer_tokenizer/*"]
 
 
-def resolve_any(name: str) -> ModelRef:
-    """catalog.resolve, then the image-text matching catalog (retrieval.py, imported only for such a name)."""
-    try:
-        return resolve(name)
-    except UnknownModelError:
-        from blip_app.models.retrieval import find_retrieval_entry, resolve_model
-
-        if find_retrieval_entry(name) is None:
-            raise
-        return resolve_model(name)
-
-
 def download(ref: ModelRef, options: Any) -> str:
     """Fetch a hub checkpoint into the Hugging Face cache (or find it there); return the local folder.
 
     Progress shows through tqdm, which Gradio's progress bar follows. On failure, partial downloads
-    of this repository are removed and the error names cause and fix (see engine.explain_load_error).
+    of this repository are removed and the error names cause and fix (see checkpoints.explain_load_error).
     """
     from huggingface_hub import snapshot_download
 
-    from blip_app.models.engine import explain_load_error
+    from blip_app.models.checkpoints import explain_load_error
 
     common = {"revision": options.revision, "cache_dir": options.cache_dir,
               "local_files_only": options.local_files_only}
@@ -95,13 +83,20 @@ def is_cached(repo_id: str, cache_dir: str | None = None) -> bool:
     return cached("model.safetensors.index.json") or cached("model.safetensors")
 
 
+def is_matching(ref: ModelRef, options: Any, *, source: str | None = None, download: bool = False) -> bool:
+    """Whether ``ref`` is an image-text matching checkpoint (see ``checkpoints.is_matching``)."""
+    from blip_app.models.checkpoints import is_matching as read
+
+    return read(ref, options, source=source, download=download)
+
+
 def load_model(ref: ModelRef, options: Any, *, hardware: Any = None, source: str | None = None,
                **engine_options: Any) -> Any:
     """A :class:`RetrievalModel` for an image-text matching checkpoint, else the engine's :class:`LoadedModel`."""
     from blip_app.models.engine import LoadedModel
-    from blip_app.models.retrieval import RetrievalModel, is_retrieval
+    from blip_app.models.retrieval import RetrievalModel
 
-    if is_retrieval(ref, options, source=source):
+    if is_matching(ref, options, source=source, download=True):
         return RetrievalModel.load(ref, options, hardware=hardware, source=source)
     return LoadedModel.load(ref, options, hardware=hardware, source=source, **engine_options)
 
@@ -115,6 +110,7 @@ class Loader:
     """
 
     load: Callable[..., Any] = load_model
-    resolve: Callable[[str], ModelRef] = resolve_any
+    resolve: Callable[[str], ModelRef] = resolve_model
     fetch: Callable[[ModelRef, Any], str] = download
     is_cached: Callable[[str, str | None], bool] = is_cached
+    is_matching: Callable[..., bool] = is_matching  # (ref, options, *, download=False): reads only what is on disk

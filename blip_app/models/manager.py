@@ -99,6 +99,14 @@ class ModelManager:
             )
         return ref
 
+    def is_matching(self, name: str) -> bool:
+        """Whether the offered model ``name`` is an image-text matching one (it scores; it cannot caption).
+
+        Read from its catalog entry or the config.json on disk (never downloaded); False for a name not offered.
+        """
+        ref = self._refs.get((name or "").strip())
+        return ref is not None and self._loader.is_matching(ref, self.options)
+
     def states(self) -> list[ModelState]:
         """Every offered model with its state, for the picker and the API."""
         with self._lock:
@@ -332,10 +340,9 @@ def _footprint(model: Any) -> int:
 
 
 def _empty_cuda() -> None:
-    import torch
+    from blip_app.models.hardware import free_accelerator_memory
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_accelerator_memory()
 
 
 def _free(model: Any) -> None:

@@ -289,7 +289,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> Any:
         from blip_app.tasks.service import Service
-        from blip_app.web import page, ui
+        from blip_app.web import page, server
 
         config = self._config
         logging.getLogger("blip_app").setLevel(logging.INFO)
@@ -297,7 +297,7 @@ class Ingress:
         service = Service(config.offered_models, config.load, limits=config.limits,
                           max_message_chars=config.max_message_chars, time_limit_s=config.time_limit_s,
                           manager=self.manager)
-        return ui.asgi_app(page.build_ui(service, config), config)
+        return server.asgi_app(page.build_ui(service, config), config)
 
     async def served(self) -> dict[str, Any]:
         """What this ingress replica has sent where: {(model, replica): requests} and the recent requests."""
