@@ -21,6 +21,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -106,6 +107,10 @@ class RemoteManager:
     def ref(self, name: str) -> Any:
         """The offered model called ``name``; anything else is refused, naming the choices."""
         return self._catalog.ref(name)
+
+    def is_matching(self, name: str) -> bool:
+        """Whether ``name`` is an image-text matching model (decided from its catalog entry or config, here)."""
+        return self._catalog.is_matching(name)
 
     def states(self) -> list[ModelState]:
         """Every offered model with its state; a model loaded on replicas says on how many."""
@@ -242,8 +247,8 @@ class RemoteManager:
 
     def _refresh(self, *, stale_after: float) -> None:
         """Ask every replica which models it holds, if the view is older than ``stale_after`` seconds."""
-        if time.monotonic() - self._refreshed < stale_after:
-            return
+        if time.monotonic() - self._refreshed < stale_after or _in_event_loop():
+            return  # a handle's sync calls refuse to run on an event loop (the page is built on one)
         self._refreshed = time.monotonic()
         try:
             deliveries = self._handle.broadcast("holding").results(timeout_s=5.0, return_exceptions=True)
@@ -260,6 +265,14 @@ class RemoteManager:
                         self._plans.update(delivery.value)
         with self._lock:
             self._holds = view  # replicas gone since the last look drop out here
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def explain(exc: BaseException, model: str) -> BlipAppError:
