@@ -1,4 +1,4 @@
-"""Command line: ``python -m blip_app {caption,ask,embed,models,make-tiny} ...``.
+"""Command line: ``python -m blip_app {caption,ask,embed,models,make-tiny,serve-ray} ...``.
 
 A failure prints one line naming the problem on stderr (no traceback; ``--verbose`` shows it) and
 exits non-zero: 2 for bad usage or input, 1 for a model that cannot be loaded or run.
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     from blip_app.devtools import bench as bench_module
 
     bench_module.add_arguments(bench)
+
+    # Its own parser (app.py's options plus the cluster's): blip_app.serving.ray_serve, which needs Ray.
+    commands.add_parser("serve-ray", add_help=False, prefix_chars="\0",
+                        help="serve the app through Ray Serve on one machine or a cluster (requirements-ray.txt)")
 
     tiny = commands.add_parser("make-tiny", help="write tiny random checkpoints of all four families (offline)")
     tiny.add_argument("directory", metavar="DIR")
@@ -161,6 +165,9 @@ _USAGE_ERRORS = (BadImageError, BadInputError, SettingsError, UnknownModelError)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve-ray"]:
+        return _serve_ray(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -184,6 +191,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unexpected failure ({type(exc).__name__}: {first_line}); run with --verbose for details",
               file=sys.stderr)
         return 1
+
+
+def _serve_ray(argv: Sequence[str]) -> int:
+    """``serve-ray``: its flags are parsed by blip_app.serving.ray_serve; without Ray installed, one line says how."""
+    try:
+        from blip_app.serving import ray_serve
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] != "ray":
+            raise
+        print("error: serve-ray needs Ray Serve: pip install -r requirements-ray.txt", file=sys.stderr)
+        return 2
+    try:
+        return ray_serve.main(argv)
+    except BlipAppError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, _USAGE_ERRORS) else 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install what blip_app needs. Idempotent: a second run only checks.
 #   bash scripts/setup.sh          the app's packages (requirements.txt)
-#   bash scripts/setup.sh --dev    also the test tools (requirements-dev.txt) and Debian's chromium
+#   bash scripts/setup.sh --dev    also the test tools (requirements-dev.txt), Ray Serve (requirements-ray.txt,
+#                                  optional for users, tested in CI) and Debian's chromium
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 want="requirements.txt"
-[ "${1:-}" = "--dev" ] && want="requirements.txt requirements-dev.txt"
+[ "${1:-}" = "--dev" ] && want="requirements.txt requirements-dev.txt requirements-ray.txt"
 stamp="$VENV/.installed-$(cat $want | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing $want (torch is large: the first run takes a few minutes)"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -168,6 +169,22 @@ class ModelManager:
         """Names of the models in memory, least recently used first."""
         with self._lock:
             return list(self._loaded)
+
+    def models_that_fit(self) -> int:
+        """How many of the offered models the memory budget holds at once, counting the largest each time
+        (at least 1). A server that spreads models over several managers (blip_app.serving) sizes each by it.
+
+        A checkpoint not downloaded yet and not in the catalog counts as nothing (its size is unknown);
+        with no size known at all every offered model counts as fitting.
+        """
+        sizes = []
+        for ref in self._refs.values():
+            folder = ref.source if ref.is_local else _cached_folder(ref.source, self.options.cache_dir)
+            sizes.append(self._estimate_bytes(ref, folder or ""))
+        largest = max(sizes)
+        if largest <= 0:
+            return len(sizes)
+        return max(1, min(len(sizes), self._budget() // largest))
 
     # ---------------------------------------------------------------- using a model
 
@@ -386,3 +403,11 @@ def _free(model: Any) -> None:
         after = torch.cuda.memory_allocated()
         if after >= before:
             log.warning("Freeing %s returned no GPU memory (%.1f GB still allocated)", model.name, after / GB)
+
+
+def _cached_folder(repo_id: str, cache_dir: str | None) -> str | None:
+    """The local snapshot folder of a hub repository already in the cache, else None (nothing is fetched)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    return os.path.dirname(path) if isinstance(path, str) and os.path.exists(path) else None

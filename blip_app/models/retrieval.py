@@ -70,6 +70,7 @@ from blip_app.models.engine import (
     qformer_queries,
 )
 from blip_app.models.hardware import OUT_OF_MEMORY, detect_hardware, free_accelerator_memory
+from blip_app.models.kinds import Matcher
 
 log = logging.getLogger(__name__)
 
@@ -548,7 +549,8 @@ def _image(source: Any) -> Image.Image:
 
 
 def _retrieval(loaded: Any, name: str) -> RetrievalModel:
-    if not isinstance(loaded, RetrievalModel):
+    # The Matcher protocol, not the class: a model served by another process (blip_app.serving) is one too.
+    if not isinstance(loaded, Matcher):
         raise BadInputError(f"{name} is a captioning model, not an image-text matching one; "
                             f"use {DEFAULT_RETRIEVAL_MODEL} for trust scores and search.")
     return loaded
@@ -632,7 +634,7 @@ def embed(service: Any, model: str, items: Sequence[Any], *, names: Sequence[str
     result: list[Embedding] = []
     with _manager(service).use(model) as loaded:
         for item, name in zip(inputs, names):
-            if isinstance(loaded, RetrievalModel):
+            if isinstance(loaded, Matcher):
                 features = loaded.text_features(item) if isinstance(item, str) else loaded.image_features(item)
             elif isinstance(item, str):
                 features = generative_features(loaded, text=item)
