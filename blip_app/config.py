@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N [BLIP_APP_DEVICE]")
     parser.add_argument("--precision", choices=PRECISIONS, help="weights dtype [BLIP_APP_PRECISION]")
     parser.add_argument("--quantization", choices=QUANTIZATIONS,
-                        help="8bit/4bit: bitsandbytes (GPU); int8-cpu: torch int8 kernels, faster decode on a CPU "
-                             "[BLIP_APP_QUANTIZATION]")
+                        help="int4-weight-only (recommended on a CPU) / int8-weight-only: torchao, faster decode; "
+                             "8bit/4bit: bitsandbytes (GPU memory); int8-cpu: torch dynamic int8 [BLIP_APP_QUANTIZATION]")
     parser.add_argument("--no-cpu-speedups", action="store_true", default=None,
                         help="on a CPU, keep models exactly as loaded: no resident copy, no packed kernels "
                              "[BLIP_APP_CPU_SPEEDUPS=0]")

@@ -51,7 +51,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from blip_app.core import prompts
 from blip_app.core.catalog import CheckpointKind, Family, LanguageModel, ModelRef, PromptStyle, kind_from_config
-from blip_app.core.devices import Hardware, LoadOptions, LoadPlan, plan_load
+from blip_app.core.devices import WEIGHT_ONLY, Hardware, LoadOptions, LoadPlan, language_model_billions, plan_load
 from blip_app.core.images import image_digest
 from blip_app.core.settings import GenerationSettings, ModelTraits, Task
 from blip_app.errors import (
@@ -75,7 +75,7 @@ QFORMER_MAX_TEXT_TOKENS = 128
 
 def quantization_config(plan: LoadPlan) -> Any:
     """The bitsandbytes config for a plan, or None (as the transformers quantization docs show)."""
-    if plan.quantization in ("none", "int8-cpu"):  # int8-cpu is applied after loading (blip_app.models.speed)
+    if plan.quantization in ("none", "int8-cpu", *WEIGHT_ONLY):  # applied after loading (speed, quantize)
         return None
     from transformers import BitsAndBytesConfig
 
@@ -607,7 +607,7 @@ class LoadedModel:
         self.checkpoint_generation = dict(checkpoint_generation or {})
         self.features = FeatureCache(feature_cache_size)
         self.image_token_id = int(model.config.image_token_index)
-        on_plan_device = plan.quantization in ("none", "int8-cpu")  # bitsandbytes places layers itself
+        on_plan_device = plan.quantization in ("none", "int8-cpu", *WEIGHT_ONLY)  # bitsandbytes places layers itself
         self.device = torch.device(plan.device if on_plan_device else _first_device(model))
         self.vision_dtype = next(model.vision_model.parameters()).dtype
         # The tokenizer's special and added tokens by id, and what it adds around any text (BOS or EOS).
@@ -646,8 +646,10 @@ class LoadedModel:
             config = AutoConfig.from_pretrained(where, **common)
         except Exception as exc:  # noqa: BLE001 - every cause is explained below
             raise _load_error(exc, ref) from exc
-        kind = kind_from_config(config.to_dict(), ref.label)
-        plan = plan_load(kind.language_model, options, hardware or detect_hardware())
+        config_dict = config.to_dict()
+        kind = kind_from_config(config_dict, ref.label)
+        plan = plan_load(kind.language_model, options, hardware or detect_hardware(),
+                         language_billions=language_model_billions(config_dict.get("text_config") or {}))
         for note in plan.notes:
             log.warning("%s: %s", ref.label, note)
         kwargs: dict[str, Any] = {"dtype": DTYPES[plan.dtype], "device_map": plan.device_map, **common}
@@ -665,7 +667,7 @@ class LoadedModel:
         keep_qformer_float32(model)
         spec = _spec_from(model, kind, ref, upgraded)
         generation = _saved_generation_settings(where, common)
-        applied = speed_up(model, plan, options)
+        applied = speed_up(model, plan, options, source=where)
         log.info("Loaded %s (%s, %s on %s%s)", ref.label, kind.family.value, plan.precision_label, plan.device,
                  f"; {', '.join(applied)}" if applied else "")
         return cls(ref.name, model, processor, spec, plan, checkpoint_generation=generation, **engine_options)
@@ -1071,18 +1073,24 @@ class LoadedModel:
             cancel.set()  # no-op after a normal end; stops the thread if the consumer went away
 
 
-def speed_up(model: Any, plan: LoadPlan, options: LoadOptions) -> tuple[str, ...]:
-    """On a CPU, what :mod:`blip_app.models.speed` measured to help: weights resident in RAM, packed or dense
-    bfloat16 kernels chosen by timing the model's own layers, eager attention in a decoder-only language
-    model (so that prefix reuse is exact); int8 when asked for.
+def speed_up(model: Any, plan: LoadPlan, options: LoadOptions, *, source: str | None = None) -> tuple[str, ...]:
+    """After loading: the weight-only quantization asked for (:mod:`blip_app.models.quantize`, from its disk
+    cache when it holds this checkpoint), then on a CPU what :mod:`blip_app.models.speed` measured to help:
+    weights resident in RAM, dense bfloat16 kernels by rule, eager attention in a decoder-only language
+    model (so that prefix reuse is exact); int8-cpu when asked for.
 
-    Nothing on a GPU or for bitsandbytes. ``options.cpu_speedups=False`` leaves the model exactly as
-    ``from_pretrained`` made it (int8-cpu is still applied: it was asked for). Returns what was applied.
+    The quantization comes first, so the bfloat16 weights it replaces are never copied out of the
+    memory-mapped file. Nothing else on a GPU or for bitsandbytes. ``options.cpu_speedups=False`` leaves
+    the rest exactly as ``from_pretrained`` made it (a quantization asked for is still applied).
+    Returns what was applied.
     """
-    from blip_app.models import speed
+    from blip_app.models import quantize, speed
 
-    if plan.device != "cpu" or plan.quantization not in ("none", "int8-cpu"):
-        return ()
+    if plan.quantization in WEIGHT_ONLY:
+        quantize.apply(model, plan.quantization, source=source or "", revision=options.revision,
+                       cache_dir=options.quantized_cache_dir)
+    if plan.device != "cpu" or plan.quantization not in ("none", "int8-cpu", *WEIGHT_ONLY):
+        return speed.applied(model)
     int8 = plan.quantization == "int8-cpu"
     if options.cpu_speedups:
         return speed.apply_cpu_defaults(model, int8=int8)
