@@ -393,21 +393,16 @@ def test_cpu_speedups_are_applied_at_load_and_keep_the_numbers(tiny_checkpoints,
     applied = speed.applied(fast.model)
     assert "resident" in applied and speed.mapped_bytes(fast.model) == 0
     if speed.packing_supported():  # bfloat16 instructions (AVX-512 bf16 / AMX): this machine and CI
-        # Each side is packed only where packed kernels measured faster: 257-row products for the
-        # vision encoder, a decode row for the language model.
-        vision = speed.kernel_choice(fast.model, "vision")
-        assert vision["rows"] == 257 and vision["dense_s"] > 0 and vision["packed_s"] > 0
-        vision_packed = any(isinstance(m, speed.PackedLinear) for m in fast.model.vision_model.modules())
-        assert vision_packed == vision["packed"] != ("dense-vision" in applied)
-        choice = speed.kernel_choice(fast.model)
-        assert choice["dense_s"] > 0 and choice["packed_s"] > 0 and choice["layers"] > 0
-        lm_packed = any(isinstance(m, speed.PackedLinear) for m in fast.model.language_model.modules())
-        assert lm_packed == choice["packed"] == ("packed-lm" in applied) != ("dense-lm" in applied)
+        # Kernels by rule (speed.KERNEL_RULE): dense on both sides, the same kernels as from_pretrained's.
+        assert speed.kernel_choice(fast.model, "vision") == {"packed": False, "rule": speed.KERNEL_RULE}
+        assert speed.kernel_choice(fast.model) == {"packed": False, "rule": speed.KERNEL_RULE}
+        assert "dense-vision" in applied and "dense-lm" in applied
+        assert not any(isinstance(m, speed.PackedLinear) for m in fast.model.modules())
     assert ("lm-eager" in applied) == fast.spec.decoder_only
     plain = LoadedModel.load(resolve(str(tiny_checkpoints[family])), LoadOptions(cpu_speedups=False))
     assert speed.applied(plain.model) == ()
     assert not any(isinstance(m, speed.PackedLinear) for m in plain.model.modules())
-    # Whatever the measurement chose here, the other choice must be as good: a second copy, LM packed.
+    # Packed kernels, asked for, must be as good: a second copy, both sides packed.
     forced = LoadedModel.load(resolve(str(tiny_checkpoints[family])), LoadOptions(cpu_speedups=False))
     speed.apply_cpu_defaults(forced.model, pack_language=True, pack_vision=True)
     if speed.packing_supported():

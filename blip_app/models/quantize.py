@@ -12,8 +12,9 @@ memory and decode about 20 times slower on a CPU, /work/shared/STACK.md):
 * ``int4-weight-only``: int4 weights in groups of :data:`INT4_GROUP_SIZE` input channels, each group with
   its own bfloat16 scale and zero point (asymmetric, torchao's "tinygemm" parameters). On a CPU torchao's
   ``PrototypeInt4WeightOnlyConfig`` (``Int4OpaqueTensor``, kernel ``aten._weight_int4pack_mm_for_cpu``); on a
-  GPU its ``Int4WeightOnlyConfig`` with the ``tile_packed_to_4d`` layout (kernel ``aten._weight_int4pack_mm``,
-  bfloat16 activations, compute capability 8.0 or newer).
+  GPU its ``Int4WeightOnlyConfig`` as torchao's quick start writes it (group 32, ``tile_packed_to_4d``
+  layout, HQQ parameters; kernel ``aten._weight_int4pack_mm``, bfloat16 activations, compute capability
+  8.0 or newer).
 
 Only the language model's ``nn.Linear`` layers are quantized, its output head included (a tied head gets
 its own quantized copy; the embedding lookup keeps the bfloat16 matrix). The vision encoder, the Q-Former
@@ -155,7 +156,9 @@ def _torchao_config(method: str, device_type: str, group_size: int) -> Any:
             return PrototypeInt4WeightOnlyConfig(group_size=group_size)
         from torchao.quantization import Int4WeightOnlyConfig
 
-        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+        # torchao's README and docs/source/examples/inference/int4_weight_only.py (0.18), as written there.
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
+                                    int4_choose_qparams_algorithm="hqq")
 
 
 def quantizable(linear: nn.Linear, method: str, group_size: int) -> bool:
