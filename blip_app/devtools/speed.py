@@ -63,11 +63,21 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a torchao tensor (int4 data, scales and zero points), its inner tensors'."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names if getattr(tensor, name, None) is not None)
+    return tensor.numel() * tensor.element_size()
+
+
 def language_model_bytes(model: nn.Module) -> int:
-    """Bytes a decode step reads: the language model's weights (a tied matrix once, packed ones included)."""
+    """Bytes a decode step reads: the language model's weights (a tied matrix once, packed and quantized
+    ones included: int8 and int4 data with their scales)."""
     language_model = getattr(model, "language_model", model)
-    return sum(t.numel() * t.element_size() for _, _, t, _ in _named_tensors(language_model)
-               if t.dtype.is_floating_point or t.dtype in (torch.int8, torch.qint8)) + _quantized_bytes(language_model)
+    return sum(tensor_bytes(t) for _, _, t, _ in _named_tensors(language_model)
+               if t.dtype.is_floating_point or t.dtype in (torch.int8, torch.uint8, torch.qint8)
+               ) + _quantized_bytes(language_model)
 
 
 def decode_bytes(model: nn.Module) -> int:
@@ -81,7 +91,7 @@ def decode_bytes(model: nn.Module) -> int:
     for module in language_model.modules():
         if isinstance(module, nn.Embedding) and id(module.weight) not in read_by_outputs | seen:
             seen.add(id(module.weight))
-            total -= module.weight.numel() * module.weight.element_size()
+            total -= tensor_bytes(module.weight)
     return total
 
 

@@ -140,7 +140,8 @@ class Int8WeightOnlyLinear(nn.Module):
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 weight-only"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, int8 weight-only")
 
 
 def _torchao_config(method: str, device_type: str, group_size: int) -> Any:
