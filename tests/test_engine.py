@@ -332,6 +332,43 @@ def test_concurrent_requests_are_batched_with_the_same_results(models, family):
     assert max(r.batch_size for r in batched) == 4
 
 
+@pytest.mark.parametrize("family", ["blip2-opt", "instructblip-flan-t5"])
+def test_a_batch_of_new_images_goes_through_the_vision_encoder_in_one_pass(models, family):
+    """Item 5 of issue 13: 4 concurrent requests with 4 new images, one vision-encoder call of 4 images,
+    and the same tokens as 4 requests one by one."""
+    loaded = models[family]
+    settings = GenerationSettings(max_new_tokens=6, num_beams=1)
+    work = [(noise(60 + i), loaded.prepare(Task.CAPTION)) for i in range(4)]
+    loaded.clear_caches()
+    alone = [loaded.generate(image, prepared, settings) for image, prepared in work]
+    loaded.clear_caches()
+    calls: list[int] = []
+    hook = loaded.model.vision_model.register_forward_hook(
+        lambda module, args, kwargs_or_out, *rest: calls.append(1), with_kwargs=False)
+    sizes: list[int] = []
+    shape_hook = loaded.model.vision_model.embeddings.register_forward_hook(
+        lambda module, args, out: sizes.append(out.shape[0]))
+    try:
+        results: dict[int, object] = {}
+        lock = DEVICE_LOCKS.get("cpu")
+        lock.acquire()
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, loaded.generate(*work[i], settings)))
+                   for i in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.2)
+        lock.release()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        hook.remove()
+        shape_hook.remove()
+    batched = [results[i] for i in range(4)]
+    assert max(r.batch_size for r in batched) == 4
+    assert len(calls) == 1 and sizes == [4]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+
+
 def test_batched_requests_with_different_settings_are_served_separately(models):
     loaded = models["blip2-opt"]
     a, b = GenerationSettings(max_new_tokens=4, num_beams=1), GenerationSettings(max_new_tokens=5, num_beams=2)

@@ -347,6 +347,11 @@ class FeatureCache:
             self.hits += 1
             return value
 
+    def __contains__(self, key: tuple) -> bool:
+        """Whether ``key`` is stored (not counted as a hit or a miss)."""
+        with self._lock:
+            return key in self._items
+
     def put(self, key: tuple, value: torch.Tensor) -> None:
         with self._lock:
             self._items[key] = value
@@ -781,6 +786,36 @@ class LoadedModel:
         self.features.put(full_key, features)
         return features
 
+    @torch.inference_mode()
+    def _encode_images(self, jobs: Sequence[_Job]) -> int:
+        """Vision encoder (and, for BLIP-2, Q-Former) once for all of a batch's images not cached yet: the
+        requests of a batch with different images share one pass (4 images, one call), and each result goes
+        into the feature cache, where :meth:`image_features` finds it. Returns how many images it encoded.
+
+        One image alone takes the usual path (nothing to share). Rows of a batched pass are computed as
+        they would be alone, so the tokens do not change (tested against one-by-one requests)."""
+        instruct = self.spec.family is Family.INSTRUCTBLIP
+        todo: dict[str, Image.Image] = {}
+        for job in jobs:
+            key = job.image_id
+            if key in todo or (key, job.prepared.qformer_text if instruct else None) in self.features:
+                continue
+            if instruct and (key, "<vision>") in self.features:
+                continue
+            todo[key] = job.image
+        if len(todo) < 2:
+            return 0
+        pixels = torch.cat([self.pixel_values(image) for image in todo.values()])
+        embeds = self.model.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state
+        if instruct:  # the Q-Former reads each request's text: it runs per request in image_features
+            for index, key in enumerate(todo):
+                self.features.put((key, "<vision>"), embeds[index:index + 1])
+        else:
+            features = self._qformer(embeds, None)
+            for index, key in enumerate(todo):
+                self.features.put((key, None), features[index:index + 1])
+        return len(todo)
+
     def _qformer(self, image_embeds: torch.Tensor, text: str | None) -> torch.Tensor:
         """The Q-Former and projection (transformers' get_image_features, steps 2 and 3), in their own
         precision (float32: :func:`keep_qformer_float32`); the result in the language model's dtype.
@@ -929,6 +964,7 @@ class LoadedModel:
     def _generate_ids(self, jobs: list[_Job], settings: GenerationSettings,
                       on_text: Callable[[str], None] | None) -> None:
         """Run the language model on image features and prompt ids; put new ids and stop reasons on the jobs."""
+        self._encode_images(jobs)
         features = torch.cat([self.image_features(job.image, job.prepared.qformer_text, key=job.image_id)
                               for job in jobs])
         width = max(len(job.prepared.input_ids) for job in jobs)
