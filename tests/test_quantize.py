@@ -279,3 +279,48 @@ def test_kernel_choice_is_a_rule_that_every_load_repeats(tiny_checkpoints):
         choices.append((speed.applied(loaded.model), language, speed.kernel_choice(loaded.model, "vision")))
     assert all(choice == choices[0] for choice in choices)
     assert not any(isinstance(m, speed.PackedLinear) for m in loaded.model.modules())
+
+
+# ---------------------------------------------------------------- the static-cache (GPU) fast path, run on a CPU
+
+
+@pytest.mark.parametrize("family", ["blip2-opt", "blip2-flan-t5"])
+def test_static_cache_with_a_compiled_decode_step_gives_the_eager_tokens(tiny_checkpoints, family):
+    """Item 6: the same engine call with transformers' static cache, and with its decode step compiled
+    (torch.compile through transformers' CompileConfig; the "eager" backend on a CPU so that the test
+    checks the graph capture in seconds), gives token for token what the dynamic cache gives."""
+    from transformers import CompileConfig
+
+    loaded = LoadedModel.load(resolve(str(tiny_checkpoints[family])))
+    settings = GenerationSettings(max_new_tokens=8, min_new_tokens=8, num_beams=1)
+    images = [noise(70 + i) for i in range(2)]
+    eager = [loaded.generate(image, loaded.prepare(Task.CAPTION), settings).token_ids for image in images]
+    loaded.set_static_cache(True)
+    assert loaded.compile_config is None  # "auto" on a CPU: static cache, no compilation
+    assert [loaded.generate(image, loaded.prepare(Task.CAPTION), settings).token_ids for image in images] == eager
+    if family != "blip2-opt":
+        return
+    config = CompileConfig(backend="eager")
+    config._compile_all_devices = True  # transformers' switch for compiling off a GPU ("useful for testing")
+    loaded.set_static_cache(True, config)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert [loaded.generate(image, loaded.prepare(Task.CAPTION), settings).token_ids for image in images] == eager
+    assert counters["stats"]["unique_graphs"] > 0  # the decode step really went through torch.compile
+    # Chat turns keep their reusable dynamic cache on this path.
+    reply = loaded.generate(images[0], loaded.prepare(Task.CHAT, question="what is it?", max_new_tokens=8), settings)
+    assert reply.new_tokens == 8 and len(loaded.prefix_cache) == 1
+    loaded.set_static_cache(False)
+    assert not loaded.static_cache and loaded.compile_config is None
+
+
+def test_static_cache_option_reaches_the_engine_and_the_command_line(tiny_checkpoints):
+    from blip_app.config import parse_config
+
+    loaded = LoadedModel.load(resolve(str(tiny_checkpoints["blip2-opt"])), LoadOptions(static_cache=True))
+    assert loaded.static_cache and loaded.compile_config is None
+    assert parse_config(["--static-cache"]).load.static_cache
+    assert not parse_config([]).load.static_cache
+    assert parse_config(["--quantization", "int4-weight-only"]).load.quantization == "int4-weight-only"

@@ -628,6 +628,8 @@ class LoadedModel:
         self.max_batch = max_batch
         self.coalesce_s = coalesce_s
         self._batcher = _Batcher(self)
+        self.static_cache = False  # see set_static_cache
+        self.compile_config: Any = None
 
     # ---------------------------------------------------------------- load
 
@@ -675,7 +677,24 @@ class LoadedModel:
         applied = speed_up(model, plan, options, source=where)
         log.info("Loaded %s (%s, %s on %s%s)", ref.label, kind.family.value, plan.precision_label, plan.device,
                  f"; {', '.join(applied)}" if applied else "")
-        return cls(ref.name, model, processor, spec, plan, checkpoint_generation=generation, **engine_options)
+        loaded = cls(ref.name, model, processor, spec, plan, checkpoint_generation=generation, **engine_options)
+        if options.static_cache:
+            loaded.set_static_cache(True)
+        return loaded
+
+    def set_static_cache(self, enabled: bool, compile_config: Any = "auto") -> None:
+        """The static key/value cache with a compiled decode step (``--static-cache``), or back to eager.
+
+        ``compile_config`` "auto": transformers' ``CompileConfig(mode="reduce-overhead")`` on a GPU (its
+        automatic compilation of the decode step, CUDA graphs) and none on a CPU, where a compiled step
+        gained nothing without inductor's freezing (STACK.md). Tests pass a config of their own to run the
+        compiled path on a CPU."""
+        from transformers import CompileConfig
+
+        self.static_cache = bool(enabled)
+        if compile_config == "auto":
+            compile_config = CompileConfig(mode="reduce-overhead") if self.device.type == "cuda" else None
+        self.compile_config = compile_config if enabled else None
 
     # ---------------------------------------------------------------- phase 1: prepare
 
@@ -1005,6 +1024,14 @@ class LoadedModel:
         if reuse:
             cache, jobs[0].reused_tokens = self.prefix_cache.take(feature_key, jobs[0].prepared.input_ids)
             kwargs["past_key_values"] = cache or DynamicCache(config=self.model.language_model.config)
+        elif self.static_cache:
+            # The GPU fast path (LoadOptions.static_cache): a preallocated key/value cache, so that the decode
+            # step has fixed shapes and transformers compiles it (CUDA graphs with "reduce-overhead"), as
+            # its CompileConfig documentation shows. A chat turn that reuses its conversation keeps the
+            # dynamic cache (a static one per conversation would hold the whole context's memory).
+            kwargs["cache_implementation"] = "static"
+            if self.compile_config is not None:
+                kwargs["compile_config"] = self.compile_config
         with _seeded(settings, self.device):
             output = self.model.language_model.generate(**inputs, **kwargs)
         sequences = output.sequences.tolist()
