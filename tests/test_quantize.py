@@ -196,6 +196,22 @@ def test_int8_layer_uses_torchaos_row_scales_and_the_aten_kernel():
     int4 = quantize.quantize_layer(linear, quantize.INT4, group_size=32)
     assert 0.01 < quantize.relative_error(linear, int4) < 0.15
     assert not quantize.quantizable(nn.Linear(48, 64), quantize.INT4, 32)  # 48 input channels: not groups of 32
+    assert not quantize.quantizable(nn.Linear(64, 40), quantize.INT4, 32)  # the int4 packing wants 16 | out
+    # aten._weight_int8pack_mm gives wrong numbers for 40 input channels and crashes for 36: never handed them.
+    assert not quantize.quantizable(nn.Linear(40, 64), quantize.INT8, 32)
+    assert not quantize.quantizable(nn.Linear(36, 64), quantize.INT8, 32)
+    assert quantize.quantizable(nn.Linear(48, 40), quantize.INT8, 32)
+
+
+def test_layers_the_kernels_cannot_take_are_left_as_they_are_and_listed():
+    model = nn.Sequential(nn.Linear(64, 40), nn.Linear(40, 64), nn.Linear(64, 64)).to(torch.bfloat16)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    for method, skipped in ((quantize.INT8, ["1"]), (quantize.INT4, ["0", "1"])):
+        copy = nn.Sequential(*[nn.Linear(m.in_features, m.out_features) for m in model]).to(torch.bfloat16)
+        copy.load_state_dict(model.state_dict())
+        report, layers = quantize.quantize_language_model(copy, method)
+        assert report.skipped == skipped and sorted(layers) == sorted({"0", "1", "2"} - set(skipped))
+        assert torch.isfinite(copy(x)).all()
 
 
 # ---------------------------------------------------------------- decisions (pure, GPU paths included)

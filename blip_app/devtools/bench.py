@@ -94,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-gb", type=float, default=14 * 1.074,
                         help="keep both sides loaded only if their weights fit in this (default: 14 GiB)")
     parser.add_argument("--no-speed", action="store_true", help="blip_app's side with --no-cpu-speedups")
+    parser.add_argument("--static-cache", action="store_true",
+                        help="blip_app's side with the static key/value cache and compiled decode step (GPU fast path)")
     parser.add_argument("--realsize-dir", default=None, help="where random-weight checkpoints are cached")
     parser.add_argument("--quantized-cache-dir", default=None,
                         help="the quantized-weights cache to use (default: a fresh one for this run, so that the "
@@ -554,7 +556,8 @@ def run_quantization(quantization: str, baseline: Baseline | None, args: argpars
     from blip_app.models import quantize, speed
 
     options = LoadOptions(device=args.device, precision=args.precision, quantization=quantization,
-                          cpu_speedups=not args.no_speed, quantized_cache_dir=cache_dir)
+                          cpu_speedups=not args.no_speed, quantized_cache_dir=cache_dir,
+                          static_cache=bool(getattr(args, "static_cache", False)))
     app = App(source, options, tokens)
     app_gb = weights_gb * BYTES_PER_PARAM.get(quantization, 2.0) / 2.0
     fits = baseline is None or weights_gb + app_gb <= args.memory_gb

@@ -163,9 +163,18 @@ def _torchao_config(method: str, device_type: str, group_size: int) -> Any:
 
 
 def quantizable(linear: nn.Linear, method: str, group_size: int) -> bool:
-    """Whether a layer can take the method: int4 needs an input width that is a multiple of the group size."""
+    """Whether a layer's shape suits the method's kernel; the others stay as they are (and are listed).
+
+    Found by running the kernels on a CPU: int4 (``_convert_weight_to_int4pack_for_cpu``) refuses an output
+    width that is not a multiple of 16 and needs the input width in whole groups; ``_weight_int8pack_mm``
+    silently returns wrong numbers for an input width that is not a multiple of 16 (24, 40) and crashes the
+    process for some (36). Every published BLIP-2 / InstructBLIP language model has widths that are
+    multiples of 128 (a Vicuna head of 32001 rows stays in bfloat16 under int4).
+    """
     if method == INT4:
-        return linear.in_features % group_size == 0 and linear.out_features % 8 == 0
+        return linear.in_features % group_size == 0 and linear.out_features % 16 == 0
+    if linear.weight.device.type == "cpu":
+        return linear.in_features % 16 == 0
     return True
 
 
