@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,35 @@ def test_second_start_comes_from_the_disk_cache_with_the_same_tokens(tiny_checkp
     # Without the speedups too (the quantization asked for is still applied)
     third = load(tiny_checkpoints["blip2-opt"], method, tmp_path, cpu_speedups=False)
     assert quantize.report_of(third.model).from_cache and "resident" not in speed.applied(third.model)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_fresh_process_reads_the_disk_cache(tiny_checkpoints, tmp_path, method):
+    """The second start is another process, which has not imported torchao's tensor classes yet."""
+    import subprocess
+    import sys
+
+    first = load(tiny_checkpoints["blip2-opt"], method, tmp_path)
+    ids = first.generate(noise(1), first.prepare(Task.CAPTION), CAPTION).token_ids
+    code = (
+        "import sys, numpy as np\n"
+        "from PIL import Image\n"
+        "from blip_app.core.catalog import resolve\n"
+        "from blip_app.core.devices import LoadOptions\n"
+        "from blip_app.core.settings import GenerationSettings, Task\n"
+        "from blip_app.models import quantize\n"
+        "from blip_app.models.engine import LoadedModel\n"
+        f"m = LoadedModel.load(resolve({str(tiny_checkpoints['blip2-opt'])!r}), "
+        f"LoadOptions(quantization={method!r}, quantized_cache_dir={str(tmp_path)!r}))\n"
+        "image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8))\n"
+        "s = GenerationSettings(max_new_tokens=6, min_new_tokens=6, num_beams=1)\n"
+        "print(quantize.report_of(m.model).from_cache, list(m.generate(image, m.prepare(Task.CAPTION), s).token_ids))\n"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"True {list(ids)}"
 
 
 def test_a_broken_or_foreign_cache_is_recomputed(tiny_checkpoints, tmp_path, caplog):

@@ -801,6 +801,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         for quantization in quantizations:
             result["runs"][quantization] = run_quantization(quantization, baseline, args, source, images, tokens,
                                                             cache_dir, bf16_load, weights_gb)
+            if args.json:  # what is measured so far survives an interrupted run
+                Path(args.json).write_text(json.dumps(_plain(result), indent=1))
         baseline.free()
     result["baseline_loads_s"] = baseline.loads
     result["bf16_load_s"] = statistics.median(bf16_load) if bf16_load else None

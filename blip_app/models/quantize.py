@@ -330,9 +330,11 @@ def _load(folder: Path, key: dict[str, Any], language_model: nn.Module, method: 
         meta = json.loads((folder / "meta.json").read_text())
         if meta.get("key") != key:
             return None
+        # Importing the method's torchao modules registers its tensor classes as safe for
+        # ``weights_only`` loading (a fresh process has not imported them yet).
+        _torchao_config(method, key["device"], group_size)
         with _quiet():
-            import torchao  # noqa: F401 - registers the tensor classes torch.load rebuilds
-            state = torch.load(folder / "layers.pt", weights_only=True, mmap=True, map_location="cpu")
+            state = torch.load(folder / "layers.pt", weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - unreadable or partial: recomputed
         log.warning("Quantized cache %s is unreadable (%s); quantizing again.", folder, exc)
         return None
