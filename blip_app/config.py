@@ -74,12 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS, help="weights dtype [BLIP_APP_PRECISION]")
     parser.add_argument("--quantization", choices=QUANTIZATIONS,
                         help="int4-weight-only (recommended on a CPU) / int8-weight-only: torchao, faster decode; "
-                             "8bit/4bit: bitsandbytes (GPU memory); int8-cpu: torch dynamic int8 [BLIP_APP_QUANTIZATION]")
+                             "8bit/4bit: bitsandbytes (GPU memory); int8-cpu: torch dynamic int8 "
+                             "[BLIP_APP_QUANTIZATION]")
     parser.add_argument("--no-cpu-speedups", action="store_true", default=None,
                         help="on a CPU, keep models exactly as loaded: no resident copy, no packed kernels "
                              "[BLIP_APP_CPU_SPEEDUPS=0]")
     parser.add_argument("--static-cache", action="store_true", default=None,
-                        help="GPU fast path: static key/value cache and a compiled decode step [BLIP_APP_STATIC_CACHE=1]")
+                        help="GPU fast path: static key/value cache and a compiled decode step "
+                             "[BLIP_APP_STATIC_CACHE=1]")
     parser.add_argument("--memory-budget-gb", type=float,
                         help="memory the loaded models may take [BLIP_APP_MEMORY_BUDGET_GB]")
     parser.add_argument("--host", help="interface to listen on [BLIP_APP_HOST]; 0.0.0.0 on Spaces")

@@ -303,8 +303,8 @@ def test_weight_only_plans_on_cpu_and_gpu():
 
 def test_gpu_configs_follow_torchaos_documentation():
     """The configs the GPU path hands to torchao's quantize_ (built here, run only on a GPU)."""
-    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
     int4 = quantize._torchao_config(quantize.INT4, "cuda", quantize.INT4_GROUP_SIZE)
     assert isinstance(int4, Int4WeightOnlyConfig) and int4.group_size == 32

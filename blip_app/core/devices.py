@@ -150,7 +150,7 @@ def plan_load(language_model: LanguageModel, options: LoadOptions, hardware: Har
                     "--quantization int4-weight-only needs a GPU with bfloat16 (compute capability 8.0 or newer) "
                     "for its kernel; use int8-weight-only or 4bit (bitsandbytes) on this GPU.")
             if dtype != "bfloat16":
-                notes.append(f"int4-weight-only computes in bfloat16, so the model runs in bfloat16 instead of {dtype}.")
+                notes.append(f"int4-weight-only computes in bfloat16, so the model runs in bfloat16, not {dtype}.")
                 dtype = "bfloat16"
         device_map = {"": device}
         notes.append(f"{quantization}: the language model's weights are quantised (torchao) for a faster decode; "

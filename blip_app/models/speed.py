@@ -11,8 +11,8 @@ matrix-vector products stream them from memory. Three things decide that here:
 * **where the weights live** — ``from_pretrained`` memory-maps the safetensors file, so weights sit in
   4 KiB page-cache pages. Anonymous memory backed by transparent huge pages (2 MiB) streams faster
   (fewer TLB misses): :func:`make_resident`, :func:`huge_pages_enabled`.
-* **the kernel** (decided by a rule since issue 13: :data:`KERNEL_RULE`) — ``torch.nn.functional.linear`` in bfloat16 with one row of input reached about a third
-  of the memory bandwidth on one host of this kind, where oneDNN's inner product with the weight packed
+* **the kernel** (by a rule since issue 13: :data:`KERNEL_RULE`) — ``torch.nn.functional.linear`` in
+  bfloat16 with one row of input reached about a third of the memory bandwidth on one host of this kind, where oneDNN's inner product with the weight packed
   once into its blocked layout reached most of it (what inductor's ``freezing=True`` does inside
   ``torch.compile``, here without compiling): :func:`pack_linears`. On another host of the same kind
   the packed kernel was the slower one (dense 12-14 GB/s against 20-23 for a plain read); timing both at
