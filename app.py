@@ -47,14 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own requests, one line each
-    from blip_app.web import ui
+    from blip_app.web import server
 
     demo, service = create_app(config)
     if config.preload:
         log.info("Preloading %s", config.default_model)
         log.info(service.load(config.default_model))
     _stop_on_sigterm()
-    ui.launch(demo, config)
+    server.launch(demo, config)
     return 0
 
 

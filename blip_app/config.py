@@ -12,15 +12,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from blip_app.core.catalog import DEFAULT_RETRIEVAL_MODEL
 from blip_app.core.devices import PRECISIONS, QUANTIZATIONS, LoadOptions
 from blip_app.core.images import ImageLimits
 from blip_app.core.settings import Limits
 
 # Offered when no --model is given: small enough for a CPU or a free GPU, one of each family.
 DEFAULT_MODELS = ("blip2-opt-2.7b", "blip2-flan-t5-xl", "instructblip-flan-t5-xl", "instructblip-vicuna-7b")
-# The image-text matching model behind trust scores and search: retrieval.DEFAULT_RETRIEVAL_MODEL, written
-# out here because this module imports no torch (tests check that the two agree).
-DEFAULT_TRUST_MODEL = "blip2-itm-vit-g"
+# The image-text matching model behind trust scores and search.
+DEFAULT_TRUST_MODEL = DEFAULT_RETRIEVAL_MODEL
 
 
 @dataclass(frozen=True)

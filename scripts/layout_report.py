@@ -47,11 +47,12 @@ def chat_turn_files() -> tuple[list[str], int]:
     sys.path.insert(0, str(ROOT / "tests"))
     from PIL import Image
 
-    from blip_app.core.images import ImageLimits, image_digest, load_image
+    from blip_app.config import AppConfig
+    from blip_app.core.images import image_digest, load_image
     from blip_app.devtools.tiny import make_tiny_checkpoint
     from blip_app.tasks.service import Service
+    from blip_app.web.page import Tabs
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.ui import Handlers
 
     folder = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "opt", "blip2-opt")
     from gradio.utils import get_upload_folder
@@ -61,7 +62,7 @@ def chat_turn_files() -> tuple[list[str], int]:
     Image.new("RGB", (40, 30), "red").save(photo)
     service = Service([str(folder)])
     service.load(str(folder))
-    handlers = Handlers(service, ImageLimits(), RateLimiter(0))
+    handlers = Tabs.create(service, AppConfig(), RateLimiter(0))
     uploaded = {"path": str(photo), "meta": {"_type": "gradio.FileData"}}
     chat = {"image": image_digest(load_image(str(photo))), "turns": [["what is it?", "a cat"]]}
 
@@ -83,7 +84,7 @@ def chat_turn_files() -> tuple[list[str], int]:
     threading.setprofile(lambda *a: sys.setprofile(tracer))
     sys.setprofile(tracer)
     try:
-        list(handlers.chat_send("and the colour?", chat, uploaded, str(folder), Session(), lambda *a, **k: None,
+        list(handlers.chat.chat_send("and the colour?", chat, uploaded, str(folder), Session(), lambda *a, **k: None,
                                 preset="fast", max_new_tokens=4))
     finally:
         sys.setprofile(None)

@@ -1,4 +1,4 @@
-"""Run the real app (app.create_app + ui.launch) on a free loopback port in this process, for tests.
+"""Run the real app (app.create_app + server.launch) on a free loopback port in this process, for tests.
 
 The server runs in gradio's own background thread (``prevent_thread_lock=True``); :func:`running_app`
 stops it and frees the models on exit. Every option is passed as a flag, so BLIP_APP_* variables in
@@ -71,7 +71,7 @@ def running_app(models: Sequence[str | os.PathLike[str]], *extra_flags: str,
 
 @contextlib.contextmanager
 def _pillow_globals_restored() -> Iterator[None]:
-    """ui.launch() sets Pillow's process-wide decompression-bomb limit: undo it for the other tests."""
+    """server.launch() sets Pillow's process-wide decompression-bomb limit: undo it for the other tests."""
     import PIL.Image
 
     limit = PIL.Image.MAX_IMAGE_PIXELS
@@ -84,8 +84,9 @@ def _pillow_globals_restored() -> Iterator[None]:
 def _serve(flags: list[str], cache_dir: str | os.PathLike[str] | None) -> Iterator[RunningApp]:
     import app as app_module
     from blip_app.config import parse_config
+    from blip_app.models.loading import Loader
     from blip_app.models.manager import ModelManager
-    from blip_app.web import ui
+    from blip_app.web import server
 
     last_error: OSError | None = None
     for _ in range(3):  # another process may grab the port between free_port() and launch
@@ -93,10 +94,10 @@ def _serve(flags: list[str], cache_dir: str | os.PathLike[str] | None) -> Iterat
         manager = None
         if cache_dir is not None:
             options = dataclasses.replace(config.load, cache_dir=str(cache_dir))
-            manager = ModelManager(config.models, options, memory_budget_gb=config.memory_budget_gb)
+            manager = ModelManager(config.models, options, loader=Loader(), memory_budget_gb=config.memory_budget_gb)
         demo, service = app_module.create_app(config, manager=manager)
         try:
-            url = ui.launch(demo, config, prevent_thread_lock=True, quiet=True)
+            url = server.launch(demo, config, prevent_thread_lock=True, quiet=True)
         except OSError as exc:
             last_error = exc
             continue

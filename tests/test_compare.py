@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from blip_app.core.catalog import resolve_model
 from blip_app.core.devices import LoadOptions
 from blip_app.errors import BadImageError, BadInputError, SettingsError, UnknownModelError
+from blip_app.models.loading import Loader, load_model
 from blip_app.models.manager import GB, ModelManager
-from blip_app.models.retrieval import confidence_label, load_model, resolve_model, trust_score, trust_text
+from blip_app.models.retrieval import confidence_label, trust_score, trust_text
 from blip_app.tasks.compare import compare, iter_compare
 from blip_app.tasks.service import Service
 
@@ -32,7 +34,7 @@ def generative(tiny_checkpoints):
 
 
 def make_service(models, budget_gb=None):
-    manager = ModelManager(models, FP32, loader=load_model, memory_budget_gb=budget_gb)
+    manager = ModelManager(models, FP32, loader=Loader(), memory_budget_gb=budget_gb)
     return Service(models, FP32, manager=manager)
 
 

@@ -92,18 +92,18 @@ def make_extras(service, models: list[str], *flags: str):
 
     from blip_app.config import parse_config
     from blip_app.core.settings import Task
+    from blip_app.web.page import Tabs
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.tools import Tools
-    from blip_app.web.ui import settings_panel
+    from blip_app.web.widgets import settings_panel
 
     config = parse_config([flag for m in models for flag in ("--model", m)] +
                           ["--offline", "--trust-model", "none", *flags])
-    made = Tools(service, config, RateLimiter(config.rate_limit_per_minute))
+    made = Tabs.create(service, config, RateLimiter(config.rate_limit_per_minute))
     with gr.Blocks():
         chat = {"state": gr.State(), "chatbot": gr.Chatbot(), "note": gr.Markdown(),
                 "history_buttons": [gr.Button(), gr.Button(), gr.Button()],
                 "settings": settings_panel(Task.CHAT, service.limits).controls}
-        made.chat_files(chat, gr.Image(), gr.Dropdown(), gr.Markdown())
+        made.chat.chat_files(chat, gr.Image(), gr.Dropdown(), gr.Markdown())
     return made
 
 
@@ -120,7 +120,7 @@ def test_batch_counts_every_archive_member_against_one_cap(service, models: list
     files = [upload("notes.zip", text_zip(1999))]
     started = time.monotonic()
     with pytest.warns(UserWarning) as recorded:
-        views = list(extras.run_batch(files, models[0], "short", _Session(), _no_progress, preset="fast"))
+        views = list(extras.batch.run_batch(files, models[0], "short", _Session(), _no_progress, preset="fast"))
     assert len(views) == 1 and views[0][4].visible  # refused before anything ran: Run is back
     message = refusals(recorded)[0]
     assert "More than 100 files were given" in message and "every file in an archive counts" in message
@@ -129,14 +129,14 @@ def test_batch_counts_every_archive_member_against_one_cap(service, models: list
     two = [upload("a.zip", text_zip(60, "a")), upload("b.zip", text_zip(60, "b")),
            upload("p1.png", noise_png(1)), upload("p2.png", noise_png(2))]
     with pytest.warns(UserWarning, match="More than 100 files were given"):
-        assert len(list(extras.run_batch(two, models[0], "short", _Session(), _no_progress, preset="fast"))) == 1
+        assert len(list(extras.batch.run_batch(two, models[0], "short", _Session(), _no_progress, preset="fast"))) == 1
 
 
 def test_batch_rows_that_cost_nothing_are_not_resent_one_by_one(service, models: list[str]) -> None:
     extras = make_extras(service, models, "--max-batch-images", "2000")
     files = [upload("notes.zip", text_zip(1999)), upload("photo.png", noise_png(3))]
     started = time.monotonic()
-    views = list(extras.run_batch(files, models[0], "short", _Session(), _no_progress, preset="fast",
+    views = list(extras.batch.run_batch(files, models[0], "short", _Session(), _no_progress, preset="fast",
                                   max_new_tokens=3))
     seconds = time.monotonic() - started
     tables = [view[0] for view in views if isinstance(view[0], list)]
@@ -164,7 +164,7 @@ def test_a_batch_stops_at_once_when_its_page_goes_away(service, models: list[str
     def page() -> None:  # gradio runs each step of the generator with its context set, in a worker thread
         LocalContext.event_id.set("batch-event")
         LocalContext.blocks.set(blocks)
-        views = extras.run_batch(files, models[0], "short", _Session("leaving"), _no_progress, preset="fast",
+        views = extras.batch.run_batch(files, models[0], "short", _Session("leaving"), _no_progress, preset="fast",
                                  max_new_tokens=60, min_new_tokens=60)
         next(views)  # "Working… 0 of 4"
         next(views)  # waits for the first caption: 60 steps of 50 ms or more
@@ -224,7 +224,7 @@ class LiveDecodes:
             return picture
 
         monkeypatch.setattr(blip_app.tasks.batch, "load_image", counted)
-        monkeypatch.setattr("blip_app.web.tools.load_image", counted)
+        monkeypatch.setattr("blip_app.web.common.load_image", counted)
 
     def _gone(self) -> None:
         with self._lock:
@@ -236,14 +236,14 @@ def test_search_holds_one_decoded_picture_at_a_time(models: list[str], tiny_retr
 
     from blip_app.config import parse_config
     from blip_app.tasks.service import Service
+    from blip_app.web.common import inert
+    from blip_app.web.page import Tabs
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.tools import Tools
-    from blip_app.web.ui import inert
 
     config = parse_config(["--model", models[0], "--offline", "--trust-model", tiny_retrieval])
     service = Service(config.offered_models, config.load)
     try:
-        extras = Tools(service, config, RateLimiter(0))
+        extras = Tabs.create(service, config, RateLimiter(0))
         photos = {f"p{n}.png": noise_png(20 + n, side=96) for n in range(12)}
         archive = io.BytesIO()
         with zipfile.ZipFile(archive, "w") as zf:
@@ -253,7 +253,7 @@ def test_search_holds_one_decoded_picture_at_a_time(models: list[str], tiny_retr
         files.append(upload("more.zip", archive.getvalue()))
         files.append(upload("broken.png", b"\x89PNG\r\n\x1a\n" + os.urandom(256)))
         live = LiveDecodes(monkeypatch)
-        gallery, summary = extras.run_search(files, "a noisy square", _Session(), _no_progress)
+        gallery, summary = extras.search.run_search(files, "a noisy square", _Session(), _no_progress)
         assert len(gallery) == 12 and inert("broken.png: This PNG file is truncated") in summary
         print(f"\nsearch of 12 photos: {live.decoded} decoded, at most {live.most} alive at once")
         assert live.decoded == 12 and live.most <= 2
@@ -292,28 +292,27 @@ def _export_file(service, model: str) -> dict:
 def test_every_model_and_upload_handler_counts_against_the_rate_limit(service, models: list[str],
                                                                       tiny_retrieval: str) -> None:
 
-    from blip_app.config import parse_config
-    from blip_app.core.images import ImageLimits
+    from blip_app.config import AppConfig, parse_config
+    from blip_app.web.page import Tabs
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.tools import Tools
-    from blip_app.web.ui import Handlers, new_chat
+    from blip_app.web.tabs.chat import new_chat
 
     photo = upload("chelsea.jpg", (EXAMPLES / "chelsea.jpg").read_bytes())
     config = parse_config(["--model", models[0], "--offline", "--trust-model", tiny_retrieval])
     export = _export_file(service, models[0])
     calls = {
-        "load_model": lambda h, e, who: h.load_model(models[0], who, _no_progress),
-        "caption_preview": lambda h, e, who: h.caption_preview(models[0], "short", who, _no_progress),
-        "ask_preview": lambda h, e, who: h.ask_preview("What is it?", False, models[0], who, _no_progress),
-        "chat_preview": lambda h, e, who: h.chat_preview("Hi", new_chat(), photo, models[0], who, _no_progress),
-        "on_image": lambda h, e, who: h.on_image(photo, new_chat(), who),
-        "chat_import": lambda h, e, who: e.chat_import(export, new_chat(), models[0], None, who),
+        "load_model": lambda h, e, who: h.picker.load_model(models[0], who, _no_progress),
+        "caption_preview": lambda h, e, who: h.caption.caption_preview(models[0], "short", who, _no_progress),
+        "ask_preview": lambda h, e, who: h.ask.ask_preview("What is it?", False, models[0], who, _no_progress),
+        "chat_preview": lambda h, e, who: h.chat.chat_preview("Hi", new_chat(), photo, models[0], who, _no_progress),
+        "on_image": lambda h, e, who: h.chat.on_image(photo, new_chat(), who),
+        "chat_import": lambda h, e, who: e.chat.chat_import(export, new_chat(), models[0], None, who),
     }
     for name, call in calls.items():
         limiter = RateLimiter(60, burst=2)
-        handlers = Handlers(service, ImageLimits(), limiter)
+        handlers = Tabs.create(service, AppConfig(), limiter)
         extras = make_extras(service, models)
-        extras.limiter = limiter
+        extras.chat.limiter = limiter
         attacker = _Session(f"attack-{name}", host="10.0.0.66")
         with pytest.warns(UserWarning) as recorded:
             for _ in range(3):
@@ -323,8 +322,8 @@ def test_every_model_and_upload_handler_counts_against_the_rate_limit(service, m
 
     trusting = _trust_service(models, tiny_retrieval)  # the trust line runs the matching model
     try:
-        scorer = Tools(trusting, config, RateLimiter(60, burst=2))
-        lines = [scorer.score_caption(photo, "a cat", _Session("scores", host="10.0.0.66")) for _ in range(3)]
+        scorer = Tabs.create(trusting, config, RateLimiter(60, burst=2))
+        lines = [scorer.caption.score_caption(photo, "a cat", _Session("scores", host="10.0.0.66")) for _ in range(3)]
         assert "Confidence:" in lines[0] and TOO_QUICK in lines[2] and "not available" in lines[2]
     finally:
         trusting.manager.close()
@@ -342,11 +341,11 @@ def test_model_switches_have_a_stricter_limit_of_their_own(service, models: list
     """10 switches in a row were accepted (each a multi-GB load at real size); choosing a loaded model costs no load."""
     import warnings
 
-    from blip_app.core.images import ImageLimits
+    from blip_app.config import AppConfig
+    from blip_app.web.page import Tabs
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.ui import Handlers
 
-    handlers = Handlers(service, ImageLimits(), RateLimiter(60, burst=100))  # requests are not the limit here
+    handlers = Tabs.create(service, AppConfig(), RateLimiter(60, burst=100))  # requests are not the limit here
     attacker = _Session("switcher", host="10.0.0.66")
     refused = []
     for number in range(6):
@@ -354,7 +353,7 @@ def test_model_switches_have_a_stricter_limit_of_their_own(service, models: list
             service.manager.unload(name)
         with warnings.catch_warnings(record=True) as recorded:
             warnings.simplefilter("always")
-            handlers.load_model(models[number % 2], attacker, _no_progress)
+            handlers.picker.load_model(models[number % 2], attacker, _no_progress)
         refused.append(refusals(recorded))
     assert [bool(r) for r in refused] == [False, False, False, True, True, True], refused
     assert all("Models are being switched too often" in r[0] for r in refused[3:])
@@ -362,7 +361,7 @@ def test_model_switches_have_a_stricter_limit_of_their_own(service, models: list
     service.manager.get(models[0])
     with warnings.catch_warnings(record=True) as recorded:
         warnings.simplefilter("always")
-        handlers.load_model(models[0], attacker, _no_progress)  # already loaded: no load to refuse
+        handlers.picker.load_model(models[0], attacker, _no_progress)  # already loaded: no load to refuse
     assert refusals(recorded) == []
 
 
@@ -422,13 +421,13 @@ def test_a_chat_change_writes_no_export(models: list[str]) -> None:
 def test_a_downloaded_export_is_deleted_on_the_uploads_schedule(service, models: list[str]) -> None:
     extras = make_extras(service, models, "--delete-uploads-after", "1")
     chat = {"image": "0" * 64, "turns": [["What is it?", "a secret"]]}
-    assert extras.export_markdown(chat, models[0], _Session(), preset="fast").value["path"]
-    written = [path for path in extras.downloads.root.rglob("*") if path.is_file()]
+    assert extras.chat.export_markdown(chat, models[0], _Session(), preset="fast").value["path"]
+    written = [path for path in extras.chat.downloads.root.rglob("*") if path.is_file()]
     assert len(written) == 1 and "a secret" in written[0].read_text(encoding="utf-8")
     path = written[0]  # (gradio serves a copy in its cache, which delete_cache removes on the same schedule)
     assert wait_until(lambda: not path.exists(), timeout=4), "the export outlived --delete-uploads-after 1"
-    root = extras.downloads.root
-    extras.downloads.close()  # at shutdown, everything goes
+    root = extras.chat.downloads.root
+    extras.chat.downloads.close()  # at shutdown, everything goes
     assert not root.exists()
 
 
@@ -478,7 +477,7 @@ def test_import_refuses_what_chat_would_refuse_and_keeps_what_chat_takes(service
     import json
 
     from blip_app.tasks.service import ANSWER_CHARS_FACTOR
-    from blip_app.web.ui import new_chat
+    from blip_app.web.tabs.chat import new_chat
 
     extras = make_extras(service, models)
     limit = service.max_message_chars
@@ -491,7 +490,7 @@ def test_import_refuses_what_chat_would_refuse_and_keeps_what_chat_takes(service
     }.items():
         data = _conversation_file(service, models[0], [(question, answer)])
         with pytest.warns(UserWarning) if "over" in case or "twenty" in case else _no_warning() as recorded:
-            out = extras.chat_import(upload("chat.json", data), new_chat("0" * 64), models[0], None, _Session())
+            out = extras.chat.chat_import(upload("chat.json", data), new_chat("0" * 64), models[0], None, _Session())
         imported[case] = (out, refusals(recorded or []))
     out, messages = imported["question at the limit"]
     assert messages == [] and len(out[1]["turns"]) == 1
@@ -504,7 +503,7 @@ def test_import_refuses_what_chat_would_refuse_and_keeps_what_chat_takes(service
     broken = raw.replace("What is it?", "What is \\ud83d it?")
     assert "\\ud83d" in broken and json.loads(broken)["turns"][0]["question"] == "What is \ud83d it?"
     with pytest.warns(UserWarning, match="broken character") as recorded:
-        out = extras.chat_import(upload("chat.json", broken.encode()), new_chat("0" * 64), models[0], None, _Session())
+        out = extras.chat.chat_import(upload("chat.json", broken.encode()), new_chat("0" * 64), models[0], None, _Session())
     assert "turn 1" in refusals(recorded)[0] and "U+D83D" in refusals(recorded)[0]
     from blip_app.core.settings import Task
     from blip_app.errors import BadInputError
@@ -595,7 +594,7 @@ def test_a_refused_archive_is_named_as_the_user_named_it(service, models: list[s
     extras = make_extras(service, models)
     record = upload("holiday.zip", b"PK\x03\x04 this is not really a zip archive")
     with pytest.warns(UserWarning) as recorded:
-        list(extras.run_batch([record], models[0], "short", _Session(), _no_progress, preset="fast"))
+        list(extras.batch.run_batch([record], models[0], "short", _Session(), _no_progress, preset="fast"))
     message = refusals(recorded)[0]
     assert message.startswith("holiday.zip is not a readable zip archive"), message
     assert record["path"] not in message and "/tmp" not in message and "gradio" not in message
@@ -629,7 +628,7 @@ def _raw_http(url: str, head: str, body: bytes = b"", *, timeout: float = 5.0) -
 
 def test_a_body_over_the_cap_is_refused_before_it_is_read(api_app) -> None:
     from blip_app.config import parse_config
-    from blip_app.web.ui import request_body_limit
+    from blip_app.web.server import request_body_limit
 
     limit = request_body_limit(parse_config([]))
     assert 5_000_000 < limit < 8_000_000  # a /chat call with the 500 longest turns kept fits
@@ -727,7 +726,7 @@ def test_a_forged_forwarded_address_does_not_escape_the_rate_limit(models: list[
 
 
 def test_on_a_space_only_the_entry_the_platform_proxy_adds_counts(monkeypatch) -> None:
-    from blip_app.web.ui import client_key
+    from blip_app.web.common import client_key
 
     monkeypatch.setenv("SPACE_ID", "someone/blip-app")
     seen = SimpleNamespace(username=None, client=SimpleNamespace(host="10.16.0.2"))
@@ -770,7 +769,7 @@ def test_repeated_failed_logins_are_slowed_then_refused_for_that_address_only(mo
 
 
 def test_a_lockout_is_short_and_a_success_forgets_the_failures() -> None:
-    from blip_app.web.ui import LoginThrottle
+    from blip_app.web.server import LoginThrottle
 
     throttle = LoginThrottle(free=2, lock_after=4, max_delay=0.0, lockout_s=0.3)
     for _ in range(4):
@@ -890,12 +889,12 @@ def test_the_sweepers_run_while_the_server_serves(models: list[str]) -> None:
 
     import app as app_module
     from blip_app.config import parse_config
-    from blip_app.web import ui
+    from blip_app.web import server
 
     config = parse_config(["--model", models[0], "--offline", "--trust-model", "none", "--port", str(free_port())])
     demo, service = app_module.create_app(config)
     with _pillow_globals_restored():
-        serving = threading.Thread(target=ui.launch, args=(demo, config), kwargs={"quiet": True}, daemon=True)
+        serving = threading.Thread(target=server.launch, args=(demo, config), kwargs={"quiet": True}, daemon=True)
         serving.start()
         try:
             assert wait_until(lambda: _answers(f"http://127.0.0.1:{config.port}"), timeout=60, every=0.2)

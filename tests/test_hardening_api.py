@@ -222,22 +222,23 @@ def test_markup_in_a_question_and_in_the_output_is_inert_in_the_chat_view(app: R
     """
     from gradio.utils import get_upload_folder
 
-    from blip_app.core.images import ImageLimits
+    from blip_app.config import AppConfig
     from blip_app.models.engine import LoadedModel
+    from blip_app.web.common import inert
+    from blip_app.web.page import Tabs
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.ui import Handlers, inert
 
     monkeypatch.setattr(LoadedModel, "decode", lambda self, ids: HOSTILE_MARKUP)
     folder = Path(get_upload_folder()) / "blip-app-hardening"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "cat.jpg").write_bytes(EXAMPLE.read_bytes())
     upload = {"path": str(folder / "cat.jpg"), "meta": {"_type": "gradio.FileData"}}
-    handlers = Handlers(app.service, ImageLimits(), RateLimiter(0))
+    handlers = Tabs.create(app.service, AppConfig(), RateLimiter(0))
 
     class Session:
         session_hash = "hardening"
 
-    views = list(handlers.chat_send(HOSTILE_MARKUP, {"image": None, "turns": []}, upload, models[0], Session(),
+    views = list(handlers.chat.chat_send(HOSTILE_MARKUP, {"image": None, "turns": []}, upload, models[0], Session(),
                                     lambda *a, **k: None, preset="fast", max_new_tokens=4))
     chatbot, state = views[-1][:2]
     assert state["turns"][-1] == [HOSTILE_MARKUP, HOSTILE_MARKUP]  # kept as typed / as generated
@@ -250,7 +251,7 @@ def test_markup_in_a_question_and_in_the_output_is_inert_in_the_chat_view(app: R
 
 def test_error_messages_quote_the_user_text_as_plain_text(client: Client, image: dict, models: list[str]) -> None:
     """API errors go to scripts, never into a page: the text they quote arrives as sent, not HTML-escaped
-    (the page's toasts still escape theirs: ui._toast_text)."""
+    (the page's toasts still escape theirs: common.toast_text)."""
     message = refused(client, image, "<img src=x onerror=alert(1)>", api_name="/caption")
     assert "'<img src=x onerror=alert(1)>' is not offered" in message and "&lt;" not in message
     message = refused(client, image, "What?", models[0], "<script>alert(1)</script>", api_name="/answer")

@@ -189,7 +189,7 @@ def test_a_burst_beyond_the_queue_is_refused_quickly_and_the_accepted_finish(mod
                                                                            tmp_path: Path) -> None:
     import httpx
 
-    from blip_app.web.ui import BUSY_MESSAGE
+    from blip_app.web.server import BUSY_MESSAGE
 
     image = picture(tmp_path, 1)
     with running_app(models[:1], "--queue-size", "2") as app:

@@ -142,7 +142,7 @@ def test_the_remote_file_guard_never_calls_gradio() -> None:
     """The middleware on its own: a public URL never reaches the app behind it (no network needed)."""
     import asyncio
 
-    from blip_app.web.ui import _Guard
+    from blip_app.web.server import _Guard
 
     reached, sent = [], []
 
@@ -217,7 +217,7 @@ def test_monitoring_mcp_and_ssr_are_off(app: RunningApp, http: httpx.Client) -> 
 
 def test_analytics_are_off_when_launched_through_app_py() -> None:
     env = {k: v for k, v in os.environ.items() if k != "GRADIO_ANALYTICS_ENABLED"}
-    code = ("import os, app; from blip_app.web import ui; import gradio.analytics as analytics; "
+    code = ("import os, app; from blip_app.web import server; import gradio.analytics as analytics; "
             "print(os.environ['GRADIO_ANALYTICS_ENABLED'], analytics.analytics_enabled())")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)

@@ -124,7 +124,7 @@ def test_delete_uploads_after_flag() -> None:
 def test_the_api_wrapper_keeps_what_gr_api_reads() -> None:
     import gradio as gr
 
-    from blip_app.web.ui import _stops_when_abandoned
+    from blip_app.web.api import _stops_when_abandoned
 
     def caption(image: dict, model: str = "m", max_new_tokens: int | None = None, request: gr.Request = None) -> str:
         """Doc."""
@@ -146,6 +146,7 @@ def test_two_models_loading_at_once_stay_within_the_memory_budget(tiny_checkpoin
     out-of-memory). Loads in flight now hold a reservation.
     """
     from blip_app.core.devices import LoadOptions
+    from blip_app.models.loading import Loader
     from blip_app.models.manager import GB, ModelManager
 
     paths = [str(tiny_checkpoints[f]) for f in ("blip2-opt", "instructblip-flan-t5", "blip2-flan-t5")]
@@ -157,7 +158,7 @@ def test_two_models_loading_at_once_stay_within_the_memory_budget(tiny_checkpoin
             time.sleep(1.0)
         return LoadedModel.load(ref, options, **kwargs)
 
-    manager = ModelManager(paths, LoadOptions(), memory_budget_gb=budget, loader=slow_for_the_last)
+    manager = ModelManager(paths, LoadOptions(), memory_budget_gb=budget, loader=Loader(load=slow_for_the_last))
     try:
         manager.get(paths[0])
         loading = threading.Thread(target=manager.get, args=(paths[2],))
@@ -240,6 +241,7 @@ def test_a_load_waiting_for_room_never_slips_in_as_another_finishes(tiny_checkpo
     done, its reservation ends and A is woken before B counts as loaded: A sees an empty manager and loads too.
     """
     from blip_app.core.devices import LoadOptions
+    from blip_app.models.loading import Loader
     from blip_app.models.manager import GB, ModelManager
 
     paths = [str(tiny_checkpoints[f]) for f in ("blip2-opt", "instructblip-flan-t5")]
@@ -251,7 +253,7 @@ def test_a_load_waiting_for_room_never_slips_in_as_another_finishes(tiny_checkpo
             time.sleep(1.0)
         return LoadedModel.load(ref, options, **kwargs)
 
-    manager = ModelManager(paths, LoadOptions(), memory_budget_gb=budget, loader=slow_for_the_second)
+    manager = ModelManager(paths, LoadOptions(), memory_budget_gb=budget, loader=Loader(load=slow_for_the_second))
     _widen_the_gap_after_a_notify(manager)
     try:
         loading = threading.Thread(target=manager.get, args=(paths[1],))

@@ -12,6 +12,7 @@ from PIL import Image
 from blip_app.core.devices import LoadOptions
 from blip_app.errors import BusyError, ModelLoadError, UnknownModelError
 from blip_app.models.engine import LoadedModel
+from blip_app.models.loading import Loader
 from blip_app.models.manager import GB, ModelManager
 from blip_app.tasks.service import Service
 
@@ -24,11 +25,11 @@ def paths(tiny_checkpoints):
 
 
 def footprint(path: str) -> int:
-    return LoadedModel.load(ModelManager([path], LoadOptions()).ref(path)).model.get_memory_footprint()
+    return LoadedModel.load(ModelManager([path], LoadOptions(), loader=Loader()).ref(path)).model.get_memory_footprint()
 
 
 def test_models_are_cached_and_listed_with_their_state(paths):
-    manager = ModelManager(paths, LoadOptions())
+    manager = ModelManager(paths, LoadOptions(), loader=Loader())
     assert [s.state for s in manager.states()] == ["folder", "folder"]
     first = manager.get(paths[0])
     assert manager.get(paths[0]) is first
@@ -38,16 +39,16 @@ def test_models_are_cached_and_listed_with_their_state(paths):
 
 
 def test_only_offered_models_can_be_used(paths):
-    manager = ModelManager(paths[:1], LoadOptions())
+    manager = ModelManager(paths[:1], LoadOptions(), loader=Loader())
     with pytest.raises(UnknownModelError, match="is not offered on this server"):
         manager.get(paths[1])
     with pytest.raises(UnknownModelError, match="Unknown model: nonsense"):
-        ModelManager(["nonsense"], LoadOptions())
+        ModelManager(["nonsense"], LoadOptions(), loader=Loader())
 
 
 def test_least_recently_used_model_is_evicted_within_the_budget(paths):
     budget = 1.5 * max(footprint(p) for p in paths) / GB
-    manager = ModelManager(paths, LoadOptions(), memory_budget_gb=budget)
+    manager = ModelManager(paths, LoadOptions(), memory_budget_gb=budget, loader=Loader())
     manager.get(paths[0])
     manager.get(paths[1])
     assert manager.loaded_names() == [paths[1]]
@@ -57,7 +58,7 @@ def test_least_recently_used_model_is_evicted_within_the_budget(paths):
 
 def test_a_model_in_use_is_never_evicted(paths):
     budget = 1.5 * max(footprint(p) for p in paths) / GB
-    manager = ModelManager(paths, LoadOptions(), memory_budget_gb=budget, busy_timeout_s=0.2)
+    manager = ModelManager(paths, LoadOptions(), memory_budget_gb=budget, busy_timeout_s=0.2, loader=Loader())
     with manager.use(paths[0]) as model:
         with pytest.raises(BusyError, match="try again"):
             manager.get(paths[1])
@@ -87,7 +88,7 @@ def test_concurrent_requests_for_one_model_load_it_once(paths):
         loads.append(ref.name)
         return LoadedModel.load(ref, options, **kwargs)
 
-    manager = ModelManager(paths, LoadOptions(), loader=counting_loader)
+    manager = ModelManager(paths, LoadOptions(), loader=Loader(load=counting_loader))
     results = []
     threads = [threading.Thread(target=lambda: results.append(manager.get(paths[0]))) for _ in range(4)]
     for thread in threads:
@@ -98,7 +99,7 @@ def test_concurrent_requests_for_one_model_load_it_once(paths):
 
 
 def test_unload_frees_the_model(paths):
-    manager = ModelManager(paths, LoadOptions())
+    manager = ModelManager(paths, LoadOptions(), loader=Loader())
     model = manager.get(paths[0])
     manager.unload(paths[0])
     assert manager.loaded_names() == [] and model.model is None and len(model.features) == 0
@@ -133,7 +134,7 @@ def test_no_network_during_download_is_named(paths, tmp_path, monkeypatch):
         raise huggingface_hub.errors.LocalEntryNotFoundError("no network and not cached")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    manager = ModelManager(["Salesforce/blip2-opt-2.7b"], LoadOptions(cache_dir=str(tmp_path)))
+    manager = ModelManager(["Salesforce/blip2-opt-2.7b"], LoadOptions(cache_dir=str(tmp_path)), loader=Loader())
     with pytest.raises(ModelLoadError, match="not in the local cache and could not be downloaded"):
         manager.get("Salesforce/blip2-opt-2.7b")
     assert [s.state for s in manager.states()] == ["download"]

@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 from blip_app.cli import commands as cli_commands
-from blip_app.core.catalog import CatalogEntry
+from blip_app.core.catalog import CatalogEntry, resolve_model
 from blip_app.core.devices import Hardware, LoadOptions
 from blip_app.errors import BadInputError, UnsupportedCheckpointError
 from blip_app.models.engine import LoadedModel
+from blip_app.models.loading import Loader, load_model
 from blip_app.models.manager import GB, ModelManager
 from blip_app.models.retrieval import (
     CONFIDENCE_THRESHOLDS,
@@ -28,9 +29,7 @@ from blip_app.models.retrieval import (
     confidence_label,
     embed,
     generative_features,
-    load_model,
     plan_retrieval_load,
-    resolve_model,
     search,
     trust_score,
     trust_text,
@@ -169,10 +168,28 @@ def test_a_captioning_checkpoint_is_not_loaded_as_a_matching_model(tiny_checkpoi
     assert isinstance(load_model(ref, FP32), LoadedModel)
 
 
+def test_one_place_says_whether_a_model_is_a_matching_one(tiny_checkpoints, tiny_retrieval, tmp_path):
+    """The manager asks checkpoints.is_matching (through its Loader): by catalog entry, else config.json on
+    disk; a hub checkpoint that is not downloaded counts as captioning and nothing is downloaded."""
+    from blip_app.errors import ModelLoadError
+    from blip_app.models.checkpoints import is_matching
+
+    opt, itm = str(tiny_checkpoints["blip2-opt"]), str(tiny_retrieval)
+    offline = LoadOptions(cache_dir=str(tmp_path), local_files_only=True)
+    manager = ModelManager(["blip2-itm-vit-g", "blip2-opt-2.7b", opt, itm, "someone/unknown-blip2"], offline,
+                           loader=Loader())
+    answers = {name: manager.is_matching(name) for name in manager.names}
+    assert answers == {"blip2-itm-vit-g": True, "blip2-opt-2.7b": False, opt: False, itm: True,
+                       "someone/unknown-blip2": False}
+    assert not manager.is_matching("not-offered") and not list(tmp_path.iterdir())  # nothing downloaded
+    with pytest.raises(ModelLoadError, match="not in the local cache"):  # when loading, it must know
+        is_matching(manager.ref("someone/unknown-blip2"), offline, download=True)
+
+
 def test_the_manager_holds_both_kinds_within_its_budget(tiny_checkpoints, tiny_retrieval):
     opt, itm_path = str(tiny_checkpoints["blip2-opt"]), str(tiny_retrieval)
     sizes = [load_model(resolve_model(p), FP32).model.get_memory_footprint() for p in (opt, itm_path)]
-    manager = ModelManager([opt, itm_path], FP32, loader=load_model, memory_budget_gb=1.2 * max(sizes) / GB)
+    manager = ModelManager([opt, itm_path], FP32, loader=Loader(), memory_budget_gb=1.2 * max(sizes) / GB)
     service = Service([opt, itm_path], FP32, manager=manager)
     caption = service.caption(opt, RED, preset="fast").text
     trust = trust_score(service, itm_path, RED, caption or "a picture")
@@ -189,7 +206,7 @@ def test_search_ranks_files_by_match_probability(tiny_retrieval, tmp_path):
         image.save(tmp_path / name)
         paths.append(str(tmp_path / name))
     itm_path = str(tiny_retrieval)
-    manager = ModelManager([itm_path], FP32, loader=load_model)
+    manager = ModelManager([itm_path], FP32, loader=Loader())
     hits = search(manager, itm_path, paths, "a red square")
     assert sorted(h.name for h in hits) == ["blue.png", "red.png", "stripes.png"]
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
@@ -241,7 +258,7 @@ def embed_args(*argv: str) -> argparse.Namespace:
 
 def test_embed_api_gives_every_kind(tiny_checkpoints, tiny_retrieval):
     itm_path, opt = str(tiny_retrieval), str(tiny_checkpoints["blip2-opt"])
-    manager = ModelManager([itm_path, opt], FP32, loader=load_model)
+    manager = ModelManager([itm_path, opt], FP32, loader=Loader())
     found = embed(manager, itm_path, [RED, "a red square"], names=["red.png", "a red square"])
     assert [(e.source, e.kind) for e in found] == [
         ("red.png", "image"), ("red.png", "qformer"), ("red.png", "itc-image"),

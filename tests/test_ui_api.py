@@ -15,7 +15,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "chelsea.jpg"
-# ui.add_api's four, and ui_extra.add_extra_api's three (the default trust model is offered, downloaded or not)
+# web/api.py: four generation endpoints and the matching model's three (the default trust model is offered)
 ENDPOINTS = {"/caption", "/answer", "/chat", "/models", "/trust", "/search", "/embed"}
 
 
@@ -135,7 +135,7 @@ def test_the_server_still_answers_after_errors(client: Client, image: dict, mode
 
 
 def test_text_for_people_is_made_inert() -> None:
-    from blip_app.web.ui import inert
+    from blip_app.web.common import inert
 
     shown = inert("<img src=x onerror=alert(1)> ![a](http://x/a.png) [l](javascript:x) www.a.com $$x$$ `c`")
     assert "<" not in shown.replace("\\<", "")
@@ -146,7 +146,7 @@ def test_text_for_people_is_made_inert() -> None:
 
 def test_untouched_sliders_leave_the_preset_in_charge() -> None:
     from blip_app.core.settings import Preset, Task, preset_settings
-    from blip_app.web.ui import split_settings
+    from blip_app.web.common import split_settings
 
     defaults = preset_settings(Task.CHAT, Preset.FAST)
     untouched = {"preset": "fast", "num_beams": defaults.num_beams, "max_new_tokens": defaults.max_new_tokens}
@@ -166,13 +166,40 @@ def _no_progress(*args, **kwargs) -> None:
     return None
 
 
-@pytest.fixture()
-def handlers(app: RunningApp):
-    from blip_app.core.images import ImageLimits
+def _handlers(service):
+    from blip_app.config import AppConfig
+    from blip_app.web.page import Tabs
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.ui import Handlers
 
-    return Handlers(app.service, ImageLimits(), RateLimiter(0))
+    return Tabs.create(service, AppConfig(), RateLimiter(0))
+
+
+SCRIPTED = {"opt": "blip2-opt", "instructblip-t5": "instructblip-flan-t5"}
+
+
+@pytest.fixture()
+def scripted() -> list:
+    """The models a scripted service loaded (``_scripted.ScriptedModel``), to read what each was asked."""
+    return []
+
+
+@pytest.fixture()
+def handlers(scripted: list):
+    """The page's handlers on a Service whose manager loads scripted models (no weights, no server)."""
+    from _scripted import scripted_loader
+
+    from blip_app.core.devices import LoadOptions
+    from blip_app.models.manager import ModelManager
+    from blip_app.tasks.service import Service
+
+    manager = ModelManager(list(SCRIPTED), LoadOptions(), loader=scripted_loader(SCRIPTED, loaded=scripted))
+    return _handlers(Service(list(SCRIPTED), manager=manager))
+
+
+@pytest.fixture()
+def engine_handlers(app: RunningApp):
+    """The page's handlers on the running app's Service: the real engine on tiny checkpoints."""
+    return _handlers(app.service)
 
 
 @pytest.fixture()
@@ -194,28 +221,38 @@ def _conversation(uploaded: dict, turns: list[list[str]]) -> dict:
 
 
 def _views(handlers, message: str, chat: dict, uploaded: dict, model: str, **settings) -> list[tuple]:
-    return list(handlers.chat_send(message, chat, uploaded, model, _Session(), _no_progress,
+    return list(handlers.chat.chat_send(message, chat, uploaded, model, _Session(), _no_progress,
                                    preset="fast", **settings))
 
 
-def test_the_chat_says_when_older_turns_were_dropped(handlers, uploaded: dict, models: list[str]) -> None:
-    long_answer = " ".join(["the cat is sitting on a warm blanket"] * 60)  # 4 of these pass 2,048 positions
+def test_the_chat_says_when_older_turns_were_dropped(handlers, uploaded: dict, scripted: list) -> None:
+    long_answer = " ".join(["the cat is sitting on a warm blanket"] * 80)  # 640 words: 4 pass 2,048 positions
     chat = _conversation(uploaded, [[f"question {n}?", long_answer] for n in range(4)])
-    final = _views(handlers, "And now?", chat, uploaded, models[0], max_new_tokens=8)[-1]
+    final = _views(handlers, "And now?", chat, uploaded, "opt", max_new_tokens=8)[-1]
     chatbot, state, note = final[:3]
     assert "oldest turn(s) no longer fit" in note
-    assert len(state["turns"]) == 5 and state["turns"][-1][0] == "And now?"
+    assert len(state["turns"]) == 5 and state["turns"][-1] == ["And now?", "opt chat: And now?"]
     assert len(chatbot) == 10 and chatbot[-2] == {"role": "user", "content": "And now\\?"}  # escaped: inert
+    prompt = scripted[0].calls[-1].prompt
+    assert prompt.dropped_turns >= 1 and "question 3?" in prompt.text and "question 0?" not in prompt.text
 
 
-def test_stop_before_the_answer_keeps_the_history(handlers, uploaded: dict, models: list[str]) -> None:
+def test_the_history_reaches_the_model_in_order(handlers, uploaded: dict, scripted: list) -> None:
+    chat = _conversation(uploaded, [["What is it?", "a cat"], ["What colour?", "grey"]])
+    state = _views(handlers, "Is it awake?", chat, uploaded, "instructblip-t5")[-1][1]
+    assert state["turns"][-1] == ["Is it awake?", "instructblip-t5 chat: Is it awake?"]
+    text = scripted[0].calls[-1].prompt.text
+    assert text.index("What is it?") < text.index("a cat") < text.index("What colour?") < text.index("Is it awake?")
+
+
+def test_stop_before_the_answer_keeps_the_history(handlers, uploaded: dict) -> None:
     from blip_app.core.settings import Task
 
     chat = _conversation(uploaded, [["hi", "hello"]])
-    views = handlers.chat_send("What is it?", chat, uploaded, models[0], _Session(), _no_progress, preset="fast")
+    views = handlers.chat.chat_send("What is it?", chat, uploaded, "opt", _Session(), _no_progress, preset="fast")
     pending = next(views)
     assert pending[0][-1]["content"] == "*thinking…*"
-    handlers.stop(_Session(), Task.CHAT)
+    handlers.chat.stop(_Session(), Task.CHAT)
     final = list(views)[-1]
     chatbot, state, note, message = final[:4]
     assert "Stopped" in note and message == "What is it?"  # the question is back in the box
@@ -243,13 +280,15 @@ def test_a_client_over_its_rate_limit_is_told_to_wait(tiny_checkpoints, tmp_path
         assert client.predict(api_name="/models")  # listing models is not limited
 
 
-def test_a_chat_turn_is_one_pass_through_the_service(handlers, uploaded: dict, models: list[str], monkeypatch) -> None:
+def test_a_chat_turn_is_one_pass_through_the_service(engine_handlers, uploaded: dict, models: list[str],
+                                                     monkeypatch) -> None:
     """The turn prepares its prompt once (the inspector's prompt is the stream's first event) and hashes the
     image once (the digest is handed down to the engine's feature cache)."""
     from blip_app.core import images
     from blip_app.models import engine
-    from blip_app.web import ui
+    from blip_app.web.tabs import chat as chat_tab
 
+    handlers = engine_handlers
     handlers.service.load(models[0])
     chat = _conversation(uploaded, [["what is it?", "a cat"]])
     counts = {"prepare": 0, "digest": 0}
@@ -264,7 +303,7 @@ def test_a_chat_turn_is_one_pass_through_the_service(handlers, uploaded: dict, m
         return digest(image)
 
     monkeypatch.setattr(engine.LoadedModel, "prepare", counting_prepare)
-    monkeypatch.setattr(ui, "image_digest", counting_digest)
+    monkeypatch.setattr(chat_tab, "image_digest", counting_digest)
     monkeypatch.setattr(engine, "image_digest", counting_digest)
     views = _views(handlers, "And the colour?", chat, uploaded, models[0], max_new_tokens=4)
     state = views[-1][1]

@@ -61,11 +61,10 @@ def refused(client: Client, *args, api_name: str, **kwargs) -> str:
 
 def test_the_trust_options(monkeypatch: pytest.MonkeyPatch) -> None:
     from blip_app.config import DEFAULT_TRUST_MODEL, parse_config
-    from blip_app.models.retrieval import DEFAULT_RETRIEVAL_MODEL
 
     monkeypatch.delenv("BLIP_APP_TRUST_MODEL", raising=False)
     monkeypatch.delenv("BLIP_APP_TRUST", raising=False)
-    assert DEFAULT_TRUST_MODEL == DEFAULT_RETRIEVAL_MODEL
+    assert DEFAULT_TRUST_MODEL == "blip2-itm-vit-g"
     config = parse_config(["--model", "blip2-opt-2.7b"])
     assert config.trust_model == DEFAULT_TRUST_MODEL and config.trust
     assert config.offered_models == ("blip2-opt-2.7b", DEFAULT_TRUST_MODEL)
@@ -79,22 +78,9 @@ def test_the_trust_options(monkeypatch: pytest.MonkeyPatch) -> None:
         parse_config(["--model", "blip2-opt-2.7b", "--trust-model", "blip2-opt-2.7b"])
 
 
-def test_constants_written_out_in_ui_extra_agree_with_their_modules() -> None:
-    from blip_app.models import retrieval
-    from blip_app.tasks import compare
-    from blip_app.web import common as web_common
-    from blip_app.web import tools as web_tools
-
-    assert web_common.MATCHING_FAMILY == retrieval.RetrievalFamily.BLIP2_ITM.value
-    assert web_common.MATCHING_ARCHITECTURE == retrieval.RETRIEVAL_ARCHITECTURE
-    assert web_tools.SEARCH_LIMIT == retrieval.MAX_SEARCH_IMAGES
-    assert web_tools.SEARCH_TEXT_CHARS == retrieval.MAX_TEXT_CHARS
-    assert web_tools.COMPARE_LIMIT == compare.MAX_MODELS
-
-
 def test_the_picker_leaves_out_the_matching_model_by_catalog_name_or_config() -> None:
     from blip_app.tasks.service import Service
-    from blip_app.web.ui import captioning_states
+    from blip_app.web.common import captioning_states
 
     service = Service(["blip2-opt-2.7b", "blip2-itm-vit-g"])  # nothing is loaded or downloaded
     assert [s.name for s in captioning_states(service)] == ["blip2-opt-2.7b"]
@@ -234,17 +220,17 @@ def extras(app: RunningApp, models: list[str], tiny_retrieval: str):
 
     from blip_app.config import parse_config
     from blip_app.core.settings import Task
+    from blip_app.web.page import Tabs
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.tools import Tools
-    from blip_app.web.ui import settings_panel
+    from blip_app.web.widgets import settings_panel
 
     config = parse_config([flag for m in models for flag in ("--model", m)] + ["--trust-model", tiny_retrieval])
-    made = Tools(app.service, config, RateLimiter(0))
+    made = Tabs.create(app.service, config, RateLimiter(0))
     with gr.Blocks():
         chat = {"state": gr.State(), "chatbot": gr.Chatbot(), "note": gr.Markdown(),
                 "history_buttons": [gr.Button(), gr.Button(), gr.Button()],
                 "settings": settings_panel(Task.CHAT, app.service.limits).controls}
-        made.chat_files(chat, gr.Image(), gr.Dropdown(), gr.Markdown())
+        made.chat.chat_files(chat, gr.Image(), gr.Dropdown(), gr.Markdown())
     return made
 
 
@@ -252,16 +238,16 @@ def test_the_trust_line_shows_words_with_the_number_on_hover(extras, tiny_retrie
     from blip_app.core.images import load_image
     from blip_app.models.retrieval import Trust, trust_score
 
-    line = extras.score_caption(upload(EXAMPLES / "chelsea.jpg"), "a cat [stopped]")
+    line = extras.caption.score_caption(upload(EXAMPLES / "chelsea.jpg"), "a cat [stopped]")
     expected = trust_score(extras.service, tiny_retrieval, load_image(EXAMPLES / "chelsea.jpg"), "a cat")
     assert f"Confidence: <strong>{expected.label}</strong>" in line
     assert f"probability {expected.score:.2f}" in line
-    answer = extras.score_answer(upload(EXAMPLES / "chelsea.jpg"), "What is it?", "a cat")
+    answer = extras.ask.score_answer(upload(EXAMPLES / "chelsea.jpg"), "What is it?", "a cat")
     assert "Confidence:" in answer
-    assert extras.score_caption(upload(EXAMPLES / "chelsea.jpg"), "thinking…") == ""
-    assert extras.score_caption(None, "a cat") == ""
+    assert extras.caption.score_caption(upload(EXAMPLES / "chelsea.jpg"), "thinking…") == ""
+    assert extras.caption.score_caption(None, "a cat") == ""
     hostile = Trust(0.9, "very likely", '"><img src=x onerror=alert(1)>')
-    from blip_app.web.tools import trust_html
+    from blip_app.web.widgets import trust_html
 
     assert "<img" not in trust_html(hostile) and "&lt;img" in trust_html(hostile)
 
@@ -269,17 +255,17 @@ def test_the_trust_line_shows_words_with_the_number_on_hover(extras, tiny_retrie
 def test_a_trust_model_that_cannot_load_leaves_a_quiet_note(models: list[str]) -> None:
     from blip_app.config import parse_config
     from blip_app.tasks.service import Service
+    from blip_app.web.page import Tabs
     from blip_app.web.ratelimit import RateLimiter
-    from blip_app.web.tools import Tools
 
     config = parse_config(["--model", models[0], "--offline"])  # the default trust model: not in any cache
-    extras = Tools(Service(config.offered_models, config.load), config, RateLimiter(0))
-    line = extras.score_caption(upload(EXAMPLES / "chelsea.jpg"), "a cat")
+    extras = Tabs.create(Service(config.offered_models, config.load), config, RateLimiter(0))
+    line = extras.caption.score_caption(upload(EXAMPLES / "chelsea.jpg"), "a cat")
     assert "Confidence: not available" in line and "title=" in line
 
 
 def test_shown_reply_drops_the_marks_the_page_adds() -> None:
-    from blip_app.web.tools import shown_reply
+    from blip_app.web.widgets import shown_reply
 
     assert shown_reply("a cat [stopped]") == "a cat"
     assert shown_reply("a cat [cut short at the time limit]") == "a cat"
@@ -288,10 +274,10 @@ def test_shown_reply_drops_the_marks_the_page_adds() -> None:
 
 
 def test_search_handler_ranks_the_uploads(extras) -> None:
-    from blip_app.web.ui import inert
+    from blip_app.web.common import inert
 
     files = [upload(EXAMPLES / name) for name in PHOTOS]
-    gallery, summary = extras.run_search(files, "a cat <b>now</b>", _Session(), _no_progress)
+    gallery, summary = extras.search.run_search(files, "a cat <b>now</b>", _Session(), _no_progress)
     assert len(gallery) == 3
     scores = [float(caption.split()[0]) for _, caption in gallery]
     assert scores == sorted(scores, reverse=True)
@@ -313,7 +299,7 @@ def test_batch_reports_each_bad_member_in_its_row_and_records_model_and_settings
     from blip_app.core.settings import SETTING_NAMES
 
     files = [upload(EXAMPLES / "rocket.jpg"), upload(Path("photos.zip"), _batch_zip())]
-    views = list(extras.run_batch(files, models[0], "short", _Session(), _no_progress, preset="fast",
+    views = list(extras.batch.run_batch(files, models[0], "short", _Session(), _no_progress, preset="fast",
                                   max_new_tokens=6))
     table, summary, csv_button, jsonl_button, run, stop = views[-1]
     rows = {row[0]: row for row in table}
@@ -339,14 +325,14 @@ def test_batch_reports_each_bad_member_in_its_row_and_records_model_and_settings
 
 
 def test_batch_refuses_too_many_images_before_loading_anything(extras, models: list[str]) -> None:
-    limit = extras.max_batch_images
-    extras.max_batch_images = 1
+    limit = extras.batch.max_batch_images
+    extras.batch.max_batch_images = 1
     try:
         files = [upload(EXAMPLES / name) for name in PHOTOS[:2]]
         with pytest.warns(UserWarning, match="at most 1 can be handled"):
-            views = list(extras.run_batch(files, models[0], "short", _Session(), _no_progress, preset="fast"))
+            views = list(extras.batch.run_batch(files, models[0], "short", _Session(), _no_progress, preset="fast"))
     finally:
-        extras.max_batch_images = limit
+        extras.batch.max_batch_images = limit
     assert len(views) == 1 and views[0][4].visible
 
 
@@ -358,14 +344,14 @@ def _digest(path: Path) -> str:
 
 def test_export_then_import_continues_the_conversation(extras, models: list[str]) -> None:
     from blip_app.tasks.exports import conversation_from_json
-    from blip_app.web.ui import inert
+    from blip_app.web.common import inert
 
     digest = _digest(EXAMPLES / "chelsea.jpg")
     chat = {"image": digest, "turns": [["What is it?", "a cat"], ["Its colour?", "tabby <b>brown</b>"]]}
     settings = {"preset": "fast", "max_new_tokens": 17, "temperature": 0.7, "do_sample": True}
-    assert all(button.interactive for button in extras.export_buttons(chat))
-    markdown = extras.export_markdown(chat, models[1], None, **settings)  # written when asked for, not before
-    json_button = extras.export_json(chat, models[1], None, **settings)
+    assert all(button.interactive for button in extras.chat.export_buttons(chat))
+    markdown = extras.chat.export_markdown(chat, models[1], None, **settings)  # written when asked for, not before
+    json_button = extras.chat.export_json(chat, models[1], None, **settings)
     text = Path(markdown.value["path"]).read_text(encoding="utf-8")
     assert "Reproducibility card" in text and digest in text and "tabby \\<b\\>brown\\</b\\>" in text
     imported = conversation_from_json(Path(json_button.value["path"]))
@@ -375,7 +361,7 @@ def test_export_then_import_continues_the_conversation(extras, models: list[str]
 
     # Loaded while the same picture is shown: restored at once, model and settings included.
     record = upload(Path(json_button.value["path"]), name="chat.json")
-    out = extras.chat_import(record, {"image": digest, "turns": []}, models[0], None)
+    out = extras.chat.chat_import(record, {"image": digest, "turns": []}, models[0], None)
     chatbot, state, note, dropdown, status, pending = out[:6]
     assert state == {"image": digest, "turns": chat["turns"]} and len(chatbot) == 4
     assert dropdown.value == models[1] and "Loaded 2 turn(s)" in note and pending is None
@@ -388,18 +374,18 @@ def test_export_then_import_continues_the_conversation(extras, models: list[str]
     # Loaded while another picture is shown: a clear warning, the chat unchanged, the conversation waits.
     other = _digest(EXAMPLES / "rocket.jpg")
     with pytest.warns(UserWarning, match="another picture"):
-        out = extras.chat_import(record, {"image": other, "turns": [["hi", "hello"]]}, models[0], None)
+        out = extras.chat.chat_import(record, {"image": other, "turns": [["hi", "hello"]]}, models[0], None)
     assert "another picture" in out[2] and out[5]["image_sha256"] == digest
     assert out[0] == gr_skip() and out[1] == gr_skip()
     waiting = out[5]
-    assert "not the one" in extras.chat_resume({"image": other, "turns": []}, models[0], waiting)[2]
-    resumed = extras.chat_resume({"image": digest, "turns": []}, models[0], waiting)
+    assert "not the one" in extras.chat.chat_resume({"image": other, "turns": []}, models[0], waiting)[2]
+    resumed = extras.chat.chat_resume({"image": digest, "turns": []}, models[0], waiting)
     assert resumed[1]["turns"] == chat["turns"] and resumed[5] is None
 
     # Not an export at all: refused with its sentence, nothing changes.
     junk = upload(Path("junk.json"), b'{"format": "something else"}')
     with pytest.warns(UserWarning, match="not a blip_app conversation export"):
-        out = extras.chat_import(junk, {"image": digest, "turns": []}, models[0], None)
+        out = extras.chat.chat_import(junk, {"image": digest, "turns": []}, models[0], None)
     assert out[1] == gr_skip()
 
 
@@ -410,12 +396,12 @@ def gr_skip():
 
 
 def test_an_empty_conversation_offers_no_download(extras, models: list[str]) -> None:
-    markdown, json_button = extras.export_buttons({"image": None, "turns": []})
+    markdown, json_button = extras.chat.export_buttons({"image": None, "turns": []})
     assert not markdown.interactive and not json_button.interactive
 
 
 def test_compare_fills_each_column_as_its_model_finishes(extras, models: list[str]) -> None:
-    views = list(extras.run_compare(models, "caption", "", "fast", upload(EXAMPLES / "chelsea.jpg"), _Session()))
+    views = list(extras.compare.run_compare(models, "caption", "", "fast", upload(EXAMPLES / "chelsea.jpg"), _Session()))
     first, after_one, final = views[0], views[1], views[-1]
     assert [card.visible for card in final] == [True, True, False]
     assert "writing…" in first[0].value and "waiting" in first[1].value
@@ -424,7 +410,7 @@ def test_compare_fills_each_column_as_its_model_finishes(extras, models: list[st
         assert Path(model).name in card.value
         assert "compare-meta" in card.value and " s" in card.value
         assert "Confidence:" in card.value and "match probability" in card.value
-    asked = list(extras.run_compare(models, "answer", "What <i>is</i> it?", "fast",
+    asked = list(extras.compare.run_compare(models, "answer", "What <i>is</i> it?", "fast",
                                     upload(EXAMPLES / "chelsea.jpg"), _Session()))[-1]
     assert all("compare-meta" in card.value for card in asked[:2])
 
@@ -434,6 +420,6 @@ def test_compare_refuses_before_running_anything(extras, models: list[str], tiny
     for chosen, message in (([models[0]], "two or three"), ([*models, models[0], models[1]], "At most 3"),
                             ([models[0], tiny_retrieval], "image-text matching"), ([models[0], "nope"], "not offered")):
         with pytest.warns(UserWarning, match=message):
-            views = list(extras.run_compare(chosen, "caption", "", "fast", image, _Session()))
+            views = list(extras.compare.run_compare(chosen, "caption", "", "fast", image, _Session()))
         assert len(views) == 1
-    assert extras.limit_models([*models, "a", "b"], models) == (models, models)
+    assert extras.compare.limit_models([*models, "a", "b"], models) == (models, models)

@@ -29,22 +29,13 @@ def _options(args: argparse.Namespace) -> LoadOptions:
 
 def _service(args: argparse.Namespace) -> tuple[Any, str]:
     """A service offering ``args.model`` (retrieval catalog names included) and the name to use with it."""
-    from blip_app.errors import UnknownModelError
+    from blip_app.models.loading import Loader
     from blip_app.models.manager import ModelManager
-    from blip_app.models.retrieval import find_retrieval_entry, load_model
     from blip_app.tasks.service import Service
 
     options = _options(args)
-    name = args.model
-    try:
-        manager = ModelManager([name], options, loader=load_model)
-    except UnknownModelError:
-        entry = find_retrieval_entry(name)
-        if entry is None:
-            raise
-        name = entry.hub_id  # a manager that resolves names with the main catalog only takes the hub id
-        manager = ModelManager([name], options, loader=load_model)
-    return Service([name], options, manager=manager), name
+    manager = ModelManager([args.model], options, loader=Loader())
+    return Service([args.model], options, manager=manager), manager.names[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -53,7 +44,7 @@ def _service(args: argparse.Namespace) -> tuple[Any, str]:
 
 def add_embed_parser(commands: Any) -> argparse.ArgumentParser:
     """Add ``embed IMAGE_OR_TEXT... [--model NAME] [--json]`` to a sub-command set."""
-    from blip_app.models.retrieval import DEFAULT_RETRIEVAL_MODEL
+    from blip_app.core.catalog import DEFAULT_RETRIEVAL_MODEL
 
     parser = commands.add_parser(
         "embed", help="print the features a model gives for images and texts",
@@ -113,7 +104,7 @@ def cmd_embed(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def add_trust_parsers(commands: Any) -> None:
     """Add ``trust IMAGE TEXT`` and ``search QUERY IMAGE_FOLDER_OR_ZIP...`` to a sub-command set."""
-    from blip_app.models.retrieval import DEFAULT_RETRIEVAL_MODEL
+    from blip_app.core.catalog import DEFAULT_RETRIEVAL_MODEL
 
     for name, helptext in (("trust", "how well a text matches an image (the image-text matching score)"),
                            ("search", "rank images (files, folders, zips) by how well they match a sentence")):

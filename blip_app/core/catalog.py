@@ -204,6 +204,66 @@ def resolve(name: str) -> ModelRef:
     )
 
 
+RETRIEVAL_ARCHITECTURE = "Blip2ForImageTextRetrieval"  # config.json's architectures say a checkpoint matches
+MAX_SEARCH_IMAGES = 100  # images one search ranks
+MAX_TEXT_CHARS = 2000  # characters of a text the matching model reads
+
+# --------------------------------------------------------------------------------------------------
+# The image-text matching checkpoints (models/retrieval.py runs them): plain data, shaped like
+# CatalogEntry where the manager reads it (name, hub_id, params_billion, description, family.value).
+
+
+class RetrievalFamily(str, Enum):
+    """The architecture of an image-text matching checkpoint."""
+
+    BLIP2_ITM = "blip2-itm"
+
+
+@dataclass(frozen=True)
+class RetrievalEntry:
+    """An image-text matching checkpoint offered by short name."""
+
+    name: str  # short name accepted wherever a model name is
+    hub_id: str  # repository on the Hugging Face Hub
+    params_billion: float  # whole model: ViT-g 0.99 B + Q-Former and heads 0.19 B
+    description: str  # one line for the model list
+    family: RetrievalFamily = RetrievalFamily.BLIP2_ITM
+
+    def memory_gb(self, precision: str) -> float:
+        """Approximate weight memory in GB for a precision: float32, float16 or bfloat16."""
+        return round(self.params_billion * BYTES_PER_PARAM[precision], 1)
+
+
+_RETRIEVAL_ENTRIES = (
+    # 1.17 B: counted from Blip2ForImageTextRetrieval built on the meta device with the published sizes
+    # (ViT-g/14: 1408 hidden, 39 layers; Q-Former: BERT-base with cross-attention every 2nd layer,
+    # vocabulary 30523; 32 queries; 256-d projections): 1,172,032,258 parameters.
+    RetrievalEntry("blip2-itm-vit-g", "Salesforce/blip2-itm-vit-g", 1.17,
+                   "BLIP-2 image-text matching (ViT-g + Q-Former, no language model): trust scores and search"),
+)
+
+RETRIEVAL_CATALOG: dict[str, RetrievalEntry] = {entry.name: entry for entry in _RETRIEVAL_ENTRIES}
+DEFAULT_RETRIEVAL_MODEL = _RETRIEVAL_ENTRIES[0].name
+
+
+def find_retrieval_entry(name_or_id: str) -> RetrievalEntry | None:
+    """The retrieval entry for a short name or hub id (any case), else None."""
+    text = (name_or_id or "").strip().lower()
+    for entry in _RETRIEVAL_ENTRIES:
+        if text in (entry.name, entry.hub_id.lower()):
+            return entry
+    return None
+
+
+def resolve_model(name: str) -> ModelRef:
+    """Like :func:`resolve`, knowing the image-text matching checkpoints too (the manager's resolver)."""
+    entry = find_retrieval_entry(name)
+    if entry is not None:
+        # ModelRef.entry is typed CatalogEntry; a RetrievalEntry carries the fields the manager reads.
+        return ModelRef(name=name.strip(), source=entry.hub_id, entry=entry, is_local=False)  # type: ignore[arg-type]
+    return resolve(name)
+
+
 @dataclass(frozen=True)
 class CheckpointKind:
     """What a checkpoint's config.json says it is."""

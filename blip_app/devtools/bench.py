@@ -284,7 +284,7 @@ def resolve_source(args: argparse.Namespace) -> tuple[str, str]:
         return text, "hub id"
     if args.real:
         return entry.hub_id, "real checkpoint (hub)"
-    from blip_app.models.manager import is_cached
+    from blip_app.models.loading import is_cached
 
     with contextlib.suppress(Exception):
         if is_cached(entry.hub_id):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import errno
 import logging
 import queue
 import re
@@ -63,7 +62,8 @@ from blip_app.errors import (
     PromptTooLongError,
     UnsupportedCheckpointError,
 )
-from blip_app.models.hardware import detect_hardware
+from blip_app.models.checkpoints import explain_load_error
+from blip_app.models.hardware import OUT_OF_MEMORY, detect_hardware, free_accelerator_memory
 
 log = logging.getLogger(__name__)
 
@@ -87,59 +87,6 @@ def quantization_config(plan: LoadPlan) -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=DTYPES[plan.dtype],
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# Load errors: every cause gets its own sentence and fix.
-
-
-def explain_load_error(exc: BaseException, ref: ModelRef) -> ModelLoadError:
-    """Turn an exception raised while loading ``ref`` into a message that names cause and fix."""
-    from huggingface_hub import errors as hub_errors
-
-    where = ref.source
-    chain = list(_chain(exc))
-
-    def caused_by(*kinds: type) -> bool:
-        return any(isinstance(e, kinds) for e in chain)
-
-    if caused_by(hub_errors.GatedRepoError):
-        text = (f"{where} is a gated repository. Accept its licence on its Hugging Face page and log in "
-                "(hf auth login, or set HF_TOKEN), then try again.")
-    elif caused_by(hub_errors.RepositoryNotFoundError):
-        text = (f"{where} was not found on the Hugging Face Hub, or it is private. Check the name, or log in "
-                "(hf auth login / HF_TOKEN) if it is private.")
-    elif caused_by(hub_errors.RevisionNotFoundError):
-        text = f"The revision asked for does not exist in {where}."
-    elif caused_by(hub_errors.LocalEntryNotFoundError) or _is_network_error(exc):
-        text = (f"{where} is not in the local cache and could not be downloaded (no network access to the "
-                "Hugging Face Hub). Connect to the network, or download it elsewhere and copy the "
-                "Hugging Face cache (HF_HOME), or pass a local folder.")
-    elif caused_by(torch.OutOfMemoryError, MemoryError):
-        text = (f"Not enough memory to load {ref.label}. Close other models, choose a smaller model, or load "
-                "it with --quantization 8bit or 4bit.")
-    elif any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain):
-        text = (f"The disk is full: {ref.label} could not be downloaded. Free some space in the Hugging Face "
-                "cache folder (HF_HOME) and try again.")
-    elif isinstance(exc, ImportError):
-        text = f"A package needed to load {ref.label} this way is missing: {exc}."
-    else:
-        text = f"Could not load {ref.label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-    return ModelLoadError(text)
-
-
-def _is_network_error(exc: BaseException) -> bool:
-    names = {type(e).__name__ for e in _chain(exc)}
-    return bool(names & {"ConnectionError", "ConnectError", "ConnectTimeout", "Timeout", "ReadTimeout",
-                         "OfflineModeIsEnabled", "gaierror", "NameResolutionError", "MaxRetryError"})
-
-
-def _chain(exc: BaseException | None) -> Iterator[BaseException]:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 # --------------------------------------------------------------------------------------------------
@@ -801,7 +748,9 @@ class LoadedModel:
                                                    return_dict=True).last_hidden_state
             if instruct:
                 self.features.put(vision_key, image_embeds)
-        features = self._qformer(image_embeds, (qformer_text or "") if instruct else None)
+        queries = self.query_outputs(image_embeds, (qformer_text or "") if instruct else None)
+        projection = self.model.language_projection
+        features = projection(queries.to(projection.weight.dtype)).to(self.model.get_input_embeddings().weight.dtype)
         self.features.put(full_key, features)
         return features
 
@@ -830,40 +779,28 @@ class LoadedModel:
             for index, key in enumerate(todo):
                 self.features.put((key, "<vision>"), embeds[index:index + 1])
         else:
-            features = self._qformer(embeds, None)
+            projection = self.model.language_projection
+            queries = self.query_outputs(embeds, None)
+            features = projection(queries.to(projection.weight.dtype)).to(
+                self.model.get_input_embeddings().weight.dtype)
             for index, key in enumerate(todo):
                 self.features.put((key, None), features[index:index + 1])
         return len(todo)
 
-    def _qformer(self, image_embeds: torch.Tensor, text: str | None) -> torch.Tensor:
-        """The Q-Former and projection (transformers' get_image_features, steps 2 and 3), in their own
-        precision (float32: :func:`keep_qformer_float32`); the result in the language model's dtype.
+    def query_outputs(self, image_embeds: torch.Tensor, text: str | None) -> torch.Tensor:
+        """The Q-Former's query outputs for vision states (transformers' get_image_features, step 2), in the
+        Q-Former's own precision (float32: :func:`keep_qformer_float32`).
 
         ``text`` is InstructBLIP's Q-Former text (None for BLIP-2), cut from the left to
-        QFORMER_MAX_TEXT_TOKENS (or the Q-Former's own position limit, if lower).
+        QFORMER_MAX_TEXT_TOKENS (or the Q-Former's own position limit, if lower); special tokens in it
+        are plain text.
         """
-        model = self.model
-        device = image_embeds.device
-        query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        image_mask = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=device)
-        kwargs: dict[str, Any] = {}
-        if text is not None:
-            limit = min(QFORMER_MAX_TEXT_TOKENS, self.spec.qformer_tokens or QFORMER_MAX_TEXT_TOKENS)
-            encoded = self.processor.qformer_tokenizer(text, truncation=True, max_length=limit,
-                                                       split_special_tokens=True, return_tensors="pt")
-            query_mask = torch.ones(query_tokens.size()[:-1], dtype=torch.long, device=device)
-            kwargs = {"input_ids": encoded.input_ids.to(device),
-                      "attention_mask": torch.cat([query_mask, encoded.attention_mask.to(device)], dim=1)}
-        output = model.qformer(
-            query_embeds=query_tokens,
-            encoder_hidden_states=image_embeds.to(query_tokens.dtype),
-            encoder_attention_mask=image_mask,
-            return_dict=True,
-            **kwargs,
-        ).last_hidden_state[:, : query_tokens.size(1), :]
-        projection = model.language_projection
-        features = projection(output.to(projection.weight.dtype))
-        return features.to(model.get_input_embeddings().weight.dtype)
+        if text is None:
+            return qformer_queries(self.model, image_embeds)
+        limit = min(QFORMER_MAX_TEXT_TOKENS, self.spec.qformer_tokens or QFORMER_MAX_TEXT_TOKENS)
+        encoded = self.processor.qformer_tokenizer(text, truncation=True, max_length=limit,
+                                                   split_special_tokens=True, return_tensors="pt")
+        return qformer_queries(self.model, image_embeds, encoded.input_ids, encoded.attention_mask)
 
     # ---------------------------------------------------------------- phase 2: generate
 
@@ -965,9 +902,9 @@ class LoadedModel:
             return
         try:
             self._generate_ids(live, settings, on_text)
-        except (torch.OutOfMemoryError, MemoryError) as exc:
+        except OUT_OF_MEMORY as exc:
             self.clear_caches()
-            _free_accelerator_memory()
+            free_accelerator_memory()
             error = GenerationError(
                 "The model ran out of memory on this request. Try fewer new tokens, fewer beams, "
                 "a shorter conversation or a smaller model."
@@ -1136,6 +1073,27 @@ class LoadedModel:
             cancel.set()  # no-op after a normal end; stops the thread if the consumer went away
 
 
+def qformer_queries(model: Any, image_embeds: torch.Tensor, text_ids: torch.Tensor | None = None,
+                    text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The Q-Former's query outputs (N x queries x hidden) for vision states, with InstructBLIP's text if
+    given: the one place the Q-Former is called on images (the engine, and retrieval's matching model).
+
+    As transformers' ``get_image_features`` does (modeling_blip_2.py, modeling_instructblip.py): the
+    learned queries attend to every vision state; the text, when given, follows the queries.
+    """
+    query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    device = image_embeds.device
+    image_mask = torch.ones(image_embeds.size()[:-1], dtype=torch.long, device=device)
+    text_inputs: dict[str, Any] = {}
+    if text_ids is not None:
+        query_mask = torch.ones(query_tokens.size()[:-1], dtype=torch.long, device=device)
+        mask = text_mask if text_mask is not None else torch.ones_like(text_ids)
+        text_inputs = {"input_ids": text_ids.to(device), "attention_mask": torch.cat([query_mask, mask.to(device)], 1)}
+    output = model.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds.to(query_tokens.dtype),
+                           encoder_attention_mask=image_mask, return_dict=True, **text_inputs)
+    return output.last_hidden_state[:, : query_tokens.size(1), :]
+
+
 def speed_up(model: Any, plan: LoadPlan, options: LoadOptions, *, source: str | None = None) -> tuple[str, ...]:
     """After loading: the weight-only quantization asked for (:mod:`blip_app.models.quantize`, from its disk
     cache when it holds this checkpoint), then on a CPU what :mod:`blip_app.models.speed` measured to help:
@@ -1181,11 +1139,6 @@ def _seeded(settings: GenerationSettings, device: torch.device) -> Iterator[None
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(settings.seed)
         yield
-
-
-def _free_accelerator_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _load_error(exc: BaseException, ref: ModelRef) -> Exception:

@@ -1,15 +1,25 @@
-"""What this machine can do, read with torch once per load: CUDA, bfloat16 on the GPU and on the CPU."""
+"""What this machine can do, read with torch once per load: CUDA, bfloat16 on the GPU and on the CPU; and
+what running out of memory looks like, and how memory is given back."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from blip_app.core.devices import Hardware
+
+# What out of memory raises: on a GPU torch's error, on a CPU Python's (an allocation refused).
+OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
+
+
+def free_accelerator_memory() -> None:
+    """Hand the GPU memory torch caches but no longer uses back to the driver (nothing on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _cpu_supports_bf16() -> bool:
-    import torch
-
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -22,8 +32,6 @@ def _cpu_supports_bf16() -> bool:
 
 def detect_hardware() -> Hardware:
     """Read the CUDA and CPU capabilities that decide precision."""
-    import torch
-
     cuda = torch.cuda.is_available()
     return Hardware(
         cuda=cuda,

@@ -7,6 +7,8 @@
 - Loading happens outside the device lock, so switching never blocks other people's generations.
 - A failed load (unknown or gated repository, no network, no memory or disk) raises a message that
   names cause and fix, and the models that were serving keep serving.
+- The manager receives its :class:`~blip_app.models.loading.Loader` (how a name becomes a model) and
+  never imports a model class: tests give it scripted models the same way.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from blip_app.core.catalog import BYTES_PER_PARAM, ModelRef, resolve
+from blip_app.core.catalog import BYTES_PER_PARAM, ModelRef
 from blip_app.errors import BusyError, UnknownModelError
+
+if TYPE_CHECKING:
+    from blip_app.models.loading import Loader
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ class ModelManager:
         options: Any,  # engine.LoadOptions
         *,
         memory_budget_gb: float | None = None,
-        loader: Callable[..., Any] | None = None,
+        loader: Loader,
         hardware: Any = None,
         busy_timeout_s: float = 60.0,
     ) -> None:
@@ -64,7 +68,7 @@ class ModelManager:
         self.options = options
         self._refs: OrderedDict[str, ModelRef] = OrderedDict()
         for name in offered:
-            ref = resolve_any(name)
+            ref = loader.resolve(name)
             self._refs.setdefault(ref.name, ref)
         self._loader = loader
         self._hardware = hardware
@@ -94,6 +98,14 @@ class ModelManager:
             )
         return ref
 
+    def is_matching(self, name: str) -> bool:
+        """Whether the offered model ``name`` is an image-text matching one (it scores; it cannot caption).
+
+        Read from its catalog entry or the config.json on disk (never downloaded); False for a name not offered.
+        """
+        ref = self._refs.get((name or "").strip())
+        return ref is not None and self._loader.is_matching(ref, self.options)
+
     def states(self) -> list[ModelState]:
         """Every offered model with its state, for the picker and the API."""
         with self._lock:
@@ -113,7 +125,7 @@ class ModelManager:
                 state, detail = "loading", "loading now"
             elif ref.is_local:
                 state, detail = "folder", f"local folder {ref.source}"
-            elif is_cached(ref.source, self.options.cache_dir):
+            elif self._loader.is_cached(ref.source, self.options.cache_dir):
                 state, detail = "on disk", "downloaded, not loaded"
             else:
                 size = f" of about {entry.params_billion * _DOWNLOAD_BYTES_PER_PARAM:.0f} GB" if entry else ""
@@ -186,18 +198,16 @@ class ModelManager:
     # ---------------------------------------------------------------- loading and memory
 
     def _load(self, ref: ModelRef) -> Any:
-        from blip_app.models.retrieval import load_model  # torch is imported only when a model is really loaded
-
-        loader = self._loader or load_model  # LoadedModel, or RetrievalModel for an image-text matching checkpoint
         started = time.monotonic()
-        source = None if ref.is_local else download(ref, self.options)  # most failures happen here, before eviction
+        # Most failures happen here, before anything is evicted.
+        source = None if ref.is_local else self._loader.fetch(ref, self.options)
         need = self._estimate_bytes(ref, source or ref.source)
         evicted = self._make_room(need, exclude=ref.name)
         try:
             kwargs = {"hardware": self._hardware}
             if source is not None:
                 kwargs["source"] = source
-            model = loader(ref, self.options, **kwargs)
+            model = self._loader.load(ref, self.options, **kwargs)
         except BaseException:
             for name, old in evicted:  # the models that were serving keep serving
                 self._restore(name, old)
@@ -303,18 +313,6 @@ class ModelManager:
             self._loaded.move_to_end(name, last=False)
 
 
-def resolve_any(name: str) -> ModelRef:
-    """catalog.resolve, then the image-text matching catalog (retrieval.py, imported only for such a name)."""
-    try:
-        return resolve(name)
-    except UnknownModelError:
-        from blip_app.models.retrieval import find_retrieval_entry, resolve_model
-
-        if find_retrieval_entry(name) is None:
-            raise
-        return resolve_model(name)
-
-
 def _footprint(model: Any) -> int:
     """Bytes a loaded model holds: its weights, and its key/value caches and image features."""
     try:
@@ -325,10 +323,9 @@ def _footprint(model: Any) -> int:
 
 
 def _empty_cuda() -> None:
-    import torch
+    from blip_app.models.hardware import free_accelerator_memory
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_accelerator_memory()
 
 
 def _free(model: Any) -> None:
@@ -345,56 +342,3 @@ def _free(model: Any) -> None:
         after = torch.cuda.memory_allocated()
         if after >= before:
             log.warning("Freeing %s returned no GPU memory (%.1f GB still allocated)", model.name, after / GB)
-
-
-# What a checkpoint needs: configs, tokenizers, processor files and the safetensors weights.
-_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
-_SUPPORT_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "tokenizer*", "qformer_tokenizer/*"]
-
-
-def download(ref: ModelRef, options: Any) -> str:
-    """Fetch a hub checkpoint into the Hugging Face cache (or find it there); return the local folder.
-
-    Progress shows through tqdm, which Gradio's progress bar follows. On failure, partial downloads
-    of this repository are removed and the error names cause and fix (see engine.explain_load_error).
-    """
-    from huggingface_hub import snapshot_download
-
-    from blip_app.models.engine import explain_load_error
-
-    common = {"revision": options.revision, "cache_dir": options.cache_dir,
-              "local_files_only": options.local_files_only}
-    try:
-        folder = snapshot_download(ref.source, allow_patterns=_SUPPORT_PATTERNS + _WEIGHT_PATTERNS, **common)
-        if not any(Path(folder).glob("*.safetensors")):  # an older repository with .bin weights only
-            folder = snapshot_download(ref.source, allow_patterns=_SUPPORT_PATTERNS + ["*.bin", "*.bin.index.json"],
-                                       **common)
-    except Exception as exc:  # noqa: BLE001 - every cause is explained
-        _remove_partial_downloads(ref.source, options.cache_dir)
-        raise explain_load_error(exc, ref) from exc
-    return folder
-
-
-def _remove_partial_downloads(repo_id: str, cache_dir: str | None) -> None:
-    from huggingface_hub import constants
-
-    root = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "blobs"
-    for partial in root.glob("*.incomplete"):
-        try:
-            partial.unlink()
-            log.info("Removed partial download %s", partial)
-        except OSError:
-            log.warning("Could not remove partial download %s", partial, exc_info=True)
-
-
-def is_cached(repo_id: str, cache_dir: str | None = None) -> bool:
-    """Whether a hub repository's config and weights are in the local Hugging Face cache."""
-    from huggingface_hub import try_to_load_from_cache
-
-    def cached(filename: str) -> bool:
-        path = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
-        return isinstance(path, str) and os.path.exists(path)
-
-    if not cached("config.json"):
-        return False
-    return cached("model.safetensors.index.json") or cached("model.safetensors")

@@ -21,10 +21,10 @@ Two kinds of model are served here:
   :func:`generative_features` reads: the vision encoder's pooled output, the Q-Former's query outputs,
   and the language model's hidden states for a text.
 
-The retrieval checkpoint has its own small catalog here (:data:`RETRIEVAL_CATALOG`); the manager
-resolves names through :func:`resolve_model` and loads through :func:`load_model`, which picks the
-class from ``config.json``'s ``architectures`` (the retrieval checkpoint has ``model_type`` "blip-2"
-like the captioning ones, so the model type alone cannot tell them apart).
+The retrieval checkpoints are listed in ``core.catalog`` (``RETRIEVAL_CATALOG``), and
+``loading.load_model`` picks this class when ``checkpoints.is_matching`` says so (from
+``config.json``'s ``architectures``: the retrieval checkpoint has ``model_type`` "blip-2" like the
+captioning ones, so the model type alone cannot tell them apart).
 
 The service-level helpers at the end (:func:`trust_score`, :func:`search`, :func:`embed`) take a
 service (or a model manager) and hold the model for the length of the call: the UI and the API call
@@ -34,130 +34,44 @@ them directly.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from blip_app.core.catalog import BYTES_PER_PARAM, CatalogEntry, Family, LanguageModel, ModelRef, resolve
+from blip_app.core.catalog import (
+    DEFAULT_RETRIEVAL_MODEL,
+    MAX_SEARCH_IMAGES,
+    MAX_TEXT_CHARS,
+    RETRIEVAL_ARCHITECTURE,
+    RETRIEVAL_CATALOG,
+    Family,
+    LanguageModel,
+    ModelRef,
+    RetrievalEntry,
+)
 from blip_app.core.devices import Hardware, LoadOptions, LoadPlan, plan_load
 from blip_app.core.images import image_digest
 from blip_app.core.prompts import clean_text
 from blip_app.core.settings import Task
 from blip_app.errors import BadInputError, BusyError, GenerationError, UnsupportedCheckpointError
+from blip_app.models.checkpoints import config_architectures, explain_load_error
 from blip_app.models.engine import (
     DEVICE_LOCKS,
     DTYPES,
     FeatureCache,
     LoadedModel,
     exclusive_load,
-    explain_load_error,
+    qformer_queries,
 )
-from blip_app.models.hardware import detect_hardware
+from blip_app.models.hardware import OUT_OF_MEMORY, detect_hardware, free_accelerator_memory
 
 log = logging.getLogger(__name__)
-
-RETRIEVAL_ARCHITECTURE = "Blip2ForImageTextRetrieval"
-
-# --------------------------------------------------------------------------------------------------
-# The retrieval catalog: plain data, shaped like catalog.CatalogEntry where the manager reads it
-# (name, hub_id, params_billion, description, family.value).
-
-
-class RetrievalFamily(str, Enum):
-    """The architecture of an image-text matching checkpoint."""
-
-    BLIP2_ITM = "blip2-itm"
-
-
-@dataclass(frozen=True)
-class RetrievalEntry:
-    """An image-text matching checkpoint offered by short name."""
-
-    name: str  # short name accepted wherever a model name is
-    hub_id: str  # repository on the Hugging Face Hub
-    params_billion: float  # whole model: ViT-g 0.99 B + Q-Former and heads 0.19 B
-    description: str  # one line for the model list
-    family: RetrievalFamily = RetrievalFamily.BLIP2_ITM
-
-    def memory_gb(self, precision: str) -> float:
-        """Approximate weight memory in GB for a precision: float32, float16 or bfloat16."""
-        return round(self.params_billion * BYTES_PER_PARAM[precision], 1)
-
-
-_RETRIEVAL_ENTRIES = (
-    # 1.17 B: counted from Blip2ForImageTextRetrieval built on the meta device with the published sizes
-    # (ViT-g/14: 1408 hidden, 39 layers; Q-Former: BERT-base with cross-attention every 2nd layer,
-    # vocabulary 30523; 32 queries; 256-d projections): 1,172,032,258 parameters.
-    RetrievalEntry("blip2-itm-vit-g", "Salesforce/blip2-itm-vit-g", 1.17,
-                   "BLIP-2 image-text matching (ViT-g + Q-Former, no language model): trust scores and search"),
-)
-
-RETRIEVAL_CATALOG: dict[str, RetrievalEntry] = {entry.name: entry for entry in _RETRIEVAL_ENTRIES}
-DEFAULT_RETRIEVAL_MODEL = _RETRIEVAL_ENTRIES[0].name
-
-
-def find_retrieval_entry(name_or_id: str) -> RetrievalEntry | None:
-    """The retrieval entry for a short name or hub id (any case), else None."""
-    text = (name_or_id or "").strip().lower()
-    for entry in _RETRIEVAL_ENTRIES:
-        if text in (entry.name, entry.hub_id.lower()):
-            return entry
-    return None
-
-
-def resolve_model(name: str) -> ModelRef:
-    """Like :func:`catalog.resolve`, knowing the retrieval checkpoints too (the manager's resolver)."""
-    entry = find_retrieval_entry(name)
-    if entry is not None:
-        # ModelRef.entry is typed CatalogEntry; a RetrievalEntry carries the fields the manager reads.
-        return ModelRef(name=name.strip(), source=entry.hub_id, entry=entry, is_local=False)  # type: ignore[arg-type]
-    return resolve(name)
-
-
-def _config_architectures(ref: ModelRef, options: LoadOptions, source: str | None) -> list[str]:
-    """The ``architectures`` of a checkpoint's config.json (downloading only config.json if allowed)."""
-    where = source or ref.source
-    folder = Path(where)
-    if folder.is_dir():
-        try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UnsupportedCheckpointError(f"Cannot read {folder / 'config.json'}: {exc}.") from exc
-        return list(config.get("architectures") or [])
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(where, revision=options.revision, cache_dir=options.cache_dir,
-                                            local_files_only=options.local_files_only)
-    except Exception as exc:  # noqa: BLE001 - explained for the user
-        raise explain_load_error(exc, ref) from exc
-    return list(getattr(config, "architectures", None) or [])
-
-
-def is_retrieval(ref: ModelRef, options: LoadOptions = LoadOptions(), *, source: str | None = None) -> bool:
-    """Whether ``ref`` is an image-text matching checkpoint (catalog entry, else its config.json)."""
-    if isinstance(ref.entry, RetrievalEntry):
-        return True
-    if isinstance(ref.entry, CatalogEntry):
-        return False
-    return RETRIEVAL_ARCHITECTURE in _config_architectures(ref, options, source)
-
-
-def load_model(ref: ModelRef, options: LoadOptions = LoadOptions(), *, hardware: Hardware | None = None,
-               source: str | None = None, **engine_options: Any) -> LoadedModel | RetrievalModel:
-    """The manager's loader: a :class:`RetrievalModel` for an image-text matching checkpoint, else the engine's."""
-    if is_retrieval(ref, options, source=source):
-        return RetrievalModel.load(ref, options, hardware=hardware, source=source)
-    return LoadedModel.load(ref, options, hardware=hardware, source=source, **engine_options)
-
 
 def plan_retrieval_load(options: LoadOptions, hardware: Hardware) -> LoadPlan:
     """Device and dtype for the retrieval model: float16 on a GPU, bfloat16 on a CPU with bf16, else float32.
@@ -240,7 +154,6 @@ def trust_text(task: Task | str, question: str, answer: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # The retrieval model.
 
-MAX_TEXT_CHARS = 2000
 _CHUNK = 16  # images through the vision encoder (or ITM Q-Former) at once
 
 
@@ -252,9 +165,8 @@ def _device_lock(device: str, lock_timeout: float | None) -> Iterator[None]:
     try:
         with torch.inference_mode():
             yield
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    except OUT_OF_MEMORY as exc:
+        free_accelerator_memory()
         raise GenerationError("The image-text matching model ran out of memory. Try fewer images at once.") from exc
     finally:
         lock.release()
@@ -306,7 +218,7 @@ class RetrievalModel:
                                   "local_files_only": options.local_files_only}
         if source is not None:
             common = {"local_files_only": True}
-        architectures = _config_architectures(ref, options, source)
+        architectures = config_architectures(ref, options, source)
         if RETRIEVAL_ARCHITECTURE not in architectures:
             raise UnsupportedCheckpointError(
                 f"{ref.label} is a {', '.join(architectures) or 'model without architectures'} checkpoint, "
@@ -365,11 +277,7 @@ class RetrievalModel:
 
     def _queries(self, vision: torch.Tensor) -> torch.Tensor:
         """The Q-Former's query outputs for vision states (N x queries x hidden), without text."""
-        model = self.model
-        query_tokens = model.query_tokens.expand(vision.shape[0], -1, -1)
-        image_mask = torch.ones(vision.size()[:-1], dtype=torch.long, device=vision.device)
-        return model.qformer(query_embeds=query_tokens, encoder_hidden_states=vision,
-                             encoder_attention_mask=image_mask, return_dict=True).last_hidden_state
+        return qformer_queries(self.model, vision)
 
     def _image_embeds(self, images: Sequence[Image.Image], keys: Sequence[str]) -> torch.Tensor:
         """Projected, normalised query embeddings per image (N x queries x dim), cached per image content."""
@@ -512,20 +420,11 @@ class RetrievalModel:
 
 @torch.inference_mode()
 def _generative_image(loaded: LoadedModel, image: Image.Image, instruction: str) -> dict[str, torch.Tensor]:
-    model = loaded.model
-    pixel_values = loaded.pixel_values(image)
-    if loaded.spec.family is Family.INSTRUCTBLIP:
-        # InstructBLIP: the Q-Former reads the instruction too (get_image_features needs its ids).
-        encoded = loaded.processor.qformer_tokenizer(instruction, truncation=True,
-                                                     max_length=loaded.spec.qformer_tokens or 512,
-                                                     return_tensors="pt")
-        output = model.get_image_features(pixel_values, qformer_input_ids=encoded.input_ids.to(loaded.device),
-                                          qformer_attention_mask=encoded.attention_mask.to(loaded.device),
-                                          return_dict=True)
-    else:
-        output = model.get_image_features(pixel_values, return_dict=True)
-    queries = output.qformer_outputs.last_hidden_state[:, : loaded.spec.num_query_tokens, :]
-    return {"image": _cpu(output.vision_outputs.pooler_output[0]), "qformer": _cpu(queries[0])}
+    vision = loaded.model.vision_model(pixel_values=loaded.pixel_values(image), return_dict=True)
+    # InstructBLIP's Q-Former reads the instruction too, exactly as when the model answers it.
+    text = instruction if loaded.spec.family is Family.INSTRUCTBLIP else None
+    queries = loaded.query_outputs(vision.last_hidden_state, text)
+    return {"image": _cpu(vision.pooler_output[0]), "qformer": _cpu(queries[0])}
 
 
 @torch.inference_mode()
@@ -630,7 +529,6 @@ class SearchHit:
                 "similarity": round(self.similarity, 4)}
 
 
-MAX_SEARCH_IMAGES = 100
 
 
 def _manager(service_or_manager: Any) -> Any:
@@ -756,13 +654,9 @@ __all__ = [
     "Trust",
     "confidence_label",
     "embed",
-    "find_retrieval_entry",
     "generative_features",
-    "is_retrieval",
-    "load_model",
     "make_trust",
     "plan_retrieval_load",
-    "resolve_model",
     "search",
     "trust_score",
     "trust_scores",

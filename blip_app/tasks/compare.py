@@ -109,9 +109,7 @@ def iter_compare(
 
 
 def _refuse_matching_model(service: Any, name: str) -> None:
-    from blip_app.models.retrieval import is_retrieval
-
-    if is_retrieval(service.manager.ref(name), service.manager.options):
+    if service.manager.is_matching(name):
         raise BadInputError(f"{name} is an image-text matching model; it cannot caption or answer.")
 
 

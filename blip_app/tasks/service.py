@@ -23,6 +23,7 @@ from blip_app.core.prompts import Turn, clean_text
 from blip_app.core.settings import Limits, Preset, Task, resolve_settings
 from blip_app.errors import BadImageError, BadInputError
 from blip_app.models.kinds import Captioner
+from blip_app.models.loading import Loader
 from blip_app.models.manager import ModelManager, ModelState
 
 # A conversation's turns kept at most: more than any context holds (a formatted turn takes at least
@@ -102,7 +103,7 @@ class Service:
         time_limit_s: float | None = None,
         manager: ModelManager | None = None,
     ) -> None:
-        self.manager = manager or ModelManager(models, options, memory_budget_gb=memory_budget_gb)
+        self.manager = manager or ModelManager(models, options, loader=Loader(), memory_budget_gb=memory_budget_gb)
         self.limits = limits
         self.max_message_chars = max_message_chars
         self.time_limit_s = time_limit_s

@@ -1,10 +1,11 @@
-"""The page: the model picker, the image, and every tab, composed from blip_app.web.ui (Chat, Caption,
-Ask, the API) and blip_app.web.tools (trust, chat files, Search, Batch, Compare). The only module that
-imports both; nothing imports it but app.py.
+"""The page: the model picker, the image, and every tab (web/tabs/, one module each), composed here with
+the API (web/api.py). The only module that imports the tabs; nothing imports it but app.py.
+
+Tabs never import each other; what they share sits below them (web/widgets.py, web/common.py).
 """
 
-from __future__ import annotations
-
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -12,25 +13,62 @@ import spaces
 
 from blip_app.config import AppConfig
 from blip_app.tasks.service import Service
-from blip_app.web import tools as web_tools
+from blip_app.web.api import add_api
+from blip_app.web.common import DECODE, LIGHT, PRIVATE, captioning_states, model_choices, model_status
 from blip_app.web.ratelimit import RateLimiter
-from blip_app.web.ui import (
-    DECODE,
-    EXAMPLES,
-    EXAMPLES_DIR,
-    LIGHT,
-    PRIVATE,
-    TAGLINE,
-    TITLE,
-    Handlers,
-    add_api,
-    ask_tab,
-    caption_tab,
-    captioning_states,
-    chat_tab,
-    model_choices,
-    model_status,
+from blip_app.web.tabs.ask import AskTab
+from blip_app.web.tabs.batch import BatchTab
+from blip_app.web.tabs.caption import CaptionTab
+from blip_app.web.tabs.chat import ChatTab
+from blip_app.web.tabs.compare import CompareTab
+from blip_app.web.tabs.search import SearchTab
+from blip_app.web.widgets import Picker
+
+TITLE = "Talk with images"
+TAGLINE = "Caption a photo, ask questions about it, or chat about it, with the BLIP-2 and InstructBLIP models."
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"  # the repository's assets/
+
+
+@dataclass(frozen=True)
+class Example:
+    """A photo in assets/examples with a question for the Ask tab and an opening line for the chat."""
+
+    file: str
+    question: str
+    opener: str
+
+
+EXAMPLES = (
+    Example("chelsea.jpg", "What color is the cat?", "What animal is this, and what is it doing?"),
+    Example("astronaut.jpg", "What is she wearing?", "Who might this person be?"),
+    Example("rocket.jpg", "What is happening in this picture?", "Where could this photo have been taken?"),
+    Example("coffee.jpg", "What is in the cup?", "Describe the drink in detail."),
+    Example("hubble_deep_field.jpg", "What are the bright dots?", "What does this picture show?"),
 )
+
+
+@dataclass(frozen=True)
+class Tabs:
+    """The handlers of one page, one object per tab (and the model picker's), sharing one request limit."""
+
+    picker: Picker
+    chat: ChatTab
+    caption: CaptionTab
+    ask: AskTab
+    compare: CompareTab
+    search: SearchTab
+    batch: BatchTab
+
+    @property
+    def service(self) -> Service:
+        """The service every tab runs its requests on."""
+        return self.picker.service
+
+    @classmethod
+    def create(cls, service: Service, config: AppConfig, limiter: RateLimiter) -> "Tabs":
+        """Every tab's handlers on ``service``, counted by ``limiter``."""
+        return cls(*(kind(service, config, limiter) for kind in (Picker, ChatTab, CaptionTab, AskTab, CompareTab,
+                                                                  SearchTab, BatchTab)))
 
 
 def _examples(image: Any, message: Any, question: Any) -> None:
@@ -45,14 +83,13 @@ def _examples(image: Any, message: Any, question: Any) -> None:
 def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
     """The whole app as a gr.Blocks (nothing is loaded or launched here)."""
     limiter = RateLimiter(config.rate_limit_per_minute)
-    handlers = Handlers(service, config.image_limits, limiter)
-    extras = web_tools.Tools(service, config, limiter)  # trust lines, chat files, Search, Batch, Compare
+    tabs = Tabs.create(service, config, limiter)
+    picker, chat = tabs.picker, tabs.chat
     states = captioning_states(service)
     ages = config.delete_uploads_after_s
     with gr.Blocks(title=f"{TITLE} · BLIP-2 and InstructBLIP", analytics_enabled=False, fill_width=True,
                    delete_cache=(min(ages, 600), ages) if ages > 0 else None) as demo:
-        add_api(service, config.image_limits, config.default_model, limiter)  # first: the API owns its names
-        web_tools.add_extra_api(service, config, limiter)  # /trust, /search, /embed
+        add_api(service, config, limiter)  # first: the API owns its names
         gr.Markdown(f"# {TITLE}\n{TAGLINE}", elem_id="header")
         with gr.Row(equal_height=True):
             model = gr.Dropdown(model_choices(states), value=config.default_model, label="Model", scale=2,
@@ -67,27 +104,26 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             with gr.Column(scale=6, min_width=360):
                 with gr.Tabs():
                     with gr.Tab("Chat", id="chat"):
-                        chat = chat_tab(handlers, service.limits, image, model, status)
-                        extras.chat_files(chat, image, model, status)
+                        chatting = chat.build(image, model, status)
                     with gr.Tab("Caption", id="caption"):
-                        captioned = caption_tab(handlers, service.limits, image, model, status, extras)
+                        captioned = tabs.caption.build(image, model, status)
                     with gr.Tab("Ask", id="ask"):
-                        ask = ask_tab(handlers, service.limits, image, model, status, extras)
+                        asking = tabs.ask.build(image, model, status)
                     with gr.Tab("Compare", id="compare"):
-                        extras.compare_tab(image)
+                        tabs.compare.build(image)
                     if config.trust_model:
                         with gr.Tab("Search", id="search"):
-                            extras.search_tab()
+                            tabs.search.build()
                     with gr.Tab("Batch", id="batch"):
-                        extras.batch_tab(model)
+                        tabs.batch.build(model)
         with left:
-            _examples(image, chat["message"], ask["question"])
-        changed = image.change(handlers.on_image, [image, chat["state"]],
-                               [image, chat["state"], chat["chatbot"], chat["note"], *chat["history_buttons"]],
-                               preprocess=False, **DECODE)
-        extras.after_new_image(changed)  # a loaded conversation goes on once its picture is back
-        model.select(spaces.GPU(handlers.load_model), model, [model, status], show_progress_on=[status], **PRIVATE)
-        demo.load(handlers.refresh_models, model, [model, status], **LIGHT)
-        for event in [*chat["events"], captioned, ask["event"]]:
-            event.then(handlers.refresh_models, model, [model, status], **LIGHT)
+            _examples(image, chatting["message"], asking["question"])
+        changed = image.change(chat.on_image, [image, chatting["state"]],
+                               [image, chatting["state"], chatting["chatbot"], chatting["note"],
+                                *chatting["history_buttons"]], preprocess=False, **DECODE)
+        chat.after_new_image(changed)  # a loaded conversation goes on once its picture is back
+        model.select(spaces.GPU(picker.load_model), model, [model, status], show_progress_on=[status], **PRIVATE)
+        demo.load(picker.refresh_models, model, [model, status], **LIGHT)
+        for event in [*chatting["events"], captioned, asking["event"]]:
+            event.then(picker.refresh_models, model, [model, status], **LIGHT)
     return demo
