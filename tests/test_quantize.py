@@ -370,3 +370,14 @@ def test_static_cache_option_reaches_the_engine_and_the_command_line(tiny_checkp
     assert parse_config(["--static-cache"]).load.static_cache
     assert not parse_config([]).load.static_cache
     assert parse_config(["--quantization", "int4-weight-only"]).load.quantization == "int4-weight-only"
+
+
+def test_kernel_table_measures_every_kind_with_its_error():
+    from blip_app.devtools import speed as speed_tools
+
+    table = speed_tools.kernel_table(out_features=64, in_features=64, layers=2, rounds=3,
+                                     kinds=("bf16", "int8", "int8-torchao", "int4-g32"))
+    assert set(table) == {"bf16", "int8", "int8-torchao", "int4-g32"}
+    assert all(row["min_ms"] <= row["median_ms"] <= row["max_ms"] for row in table.values())
+    assert table["bf16"]["error"] < table["int8"]["error"] < table["int4-g32"]["error"] < 0.15
+    assert speed_tools.main(["kernels", "--shape", "32x32", "--layers", "1", "--rounds", "1", "--kinds", "bf16"]) == 0
