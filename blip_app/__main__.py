@@ -30,7 +30,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                        help="8bit/4bit: bitsandbytes (GPU); int8-cpu: faster decode on a CPU (default: none)")
+                        help="int4-weight-only / int8-weight-only: torchao, faster decode on a CPU or GPU (int4 "
+                             "recommended on a CPU); 8bit/4bit: bitsandbytes (GPU memory); int8-cpu: torch dynamic "
+                             "int8 (default: none)")
     parser.add_argument("--no-cpu-speedups", action="store_true",
                         help="on a CPU, keep the model exactly as loaded (no resident copy, no packed kernels)")
     parser.add_argument("--offline", action="store_true", help="never download; local cache and folders only")

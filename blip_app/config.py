@@ -78,11 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N [BLIP_APP_DEVICE]")
     parser.add_argument("--precision", choices=PRECISIONS, help="weights dtype [BLIP_APP_PRECISION]")
     parser.add_argument("--quantization", choices=QUANTIZATIONS,
-                        help="8bit/4bit: bitsandbytes (GPU); int8-cpu: torch int8 kernels, faster decode on a CPU "
+                        help="int4-weight-only (recommended on a CPU) / int8-weight-only: torchao, faster decode; "
+                             "8bit/4bit: bitsandbytes (GPU memory); int8-cpu: torch dynamic int8 "
                              "[BLIP_APP_QUANTIZATION]")
     parser.add_argument("--no-cpu-speedups", action="store_true", default=None,
                         help="on a CPU, keep models exactly as loaded: no resident copy, no packed kernels "
                              "[BLIP_APP_CPU_SPEEDUPS=0]")
+    parser.add_argument("--static-cache", action="store_true", default=None,
+                        help="GPU fast path: static key/value cache and a compiled decode step "
+                             "[BLIP_APP_STATIC_CACHE=1]")
     parser.add_argument("--memory-budget-gb", type=float,
                         help="memory the loaded models may take [BLIP_APP_MEMORY_BUDGET_GB]")
     parser.add_argument("--host", help="interface to listen on [BLIP_APP_HOST]; 0.0.0.0 on Spaces")
@@ -151,8 +155,10 @@ def parse_config(argv: Sequence[str] | None = None) -> AppConfig:
         parser.error(f"BLIP_APP_QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}")
     offline = _truthy(_flag(args.offline, "OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0")))
     speedups = not args.no_cpu_speedups and _truthy(_env("CPU_SPEEDUPS") or "1")
+    static_cache = bool(args.static_cache) or _truthy(_env("STATIC_CACHE") or "0")
     load = LoadOptions(device=str(_flag(args.device, "DEVICE", "auto")), precision=precision,
-                       quantization=quantization, local_files_only=offline, cpu_speedups=speedups)
+                       quantization=quantization, local_files_only=offline, cpu_speedups=speedups,
+                       static_cache=static_cache)
     on_spaces = bool(os.environ.get("SPACE_ID"))
     auth = None
     auth_text = _flag(args.auth, "AUTH", None)

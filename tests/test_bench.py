@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -150,44 +151,83 @@ def test_bandwidth_and_other_load_are_measured() -> None:
 # -------------------------------------------------------------------------------------------- bench
 
 
-def test_bench_end_to_end_on_a_tiny_checkpoint(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def _bench_args(*argv: str) -> argparse.Namespace:
     from blip_app.devtools import bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    out = tmp_path / "bench.json"
-    markdown = tmp_path / "bench.md"
-    args = parser.parse_args(["--model", str(tiny_checkpoints["blip2-opt"]), "--quick", "--json", str(out),
-                              "--markdown", str(markdown), "--bandwidth-gb", "0.02"])
+    return parser.parse_args(list(argv))
+
+
+def test_bench_pairs_the_usual_loop_with_each_quantization(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from blip_app.devtools import bench
+
+    out, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = _bench_args("--model", str(tiny_checkpoints["blip2-opt"]), "--quick", "--json", str(out),
+                       "--markdown", str(markdown), "--bandwidth-gb", "0.02",
+                       "--quantization", "none,int4-weight-only", "--quantized-cache-dir", str(tmp_path / "q"))
     started = time.perf_counter()
     result = bench.run_bench(args)
-    assert time.perf_counter() - started < 60
+    assert time.perf_counter() - started < 120
     saved = json.loads(out.read_text())
-    for path in bench.REQUIRED_METRICS:
-        value = saved
-        for part in path.split("."):
-            assert part in value, f"{path} missing from the bench JSON"
-            value = value[part]
-    assert saved["bandwidth"]["caption_compute_flops"] > 0 and saved["bandwidth"]["matmul_peak_flops"]["best"] > 0
-    assert saved["bandwidth"]["caption_floor_s"] > saved["bandwidth"]["caption_compute_floor_s"] > 0
-    ours = saved["blip_app"]
-    assert len(ours["chat_turns_s"]) == 5 and len(saved["baseline"]["chat_turns_s"]) == 5
-    assert ours["second_caption_vision_skipped"] and ours["question_vision_skipped"]
-    assert {row["metric"] for row in saved["targets"]} >= {"chat turn 5 (10-token answer)", "decode s/token",
-                                                         "resident memory"}
-    assert not ours.get("warnings"), ours.get("warnings")
-    assert "| metric | baseline | blip_app |" in markdown.read_text()
-    assert result["targets"] == saved["targets"] or len(result["targets"]) == len(saved["targets"])
+    assert set(saved["runs"]) == {"none", "int4-weight-only"} and saved["pairs"] == 2
+    for name, run in saved["runs"].items():
+        for path in bench.REQUIRED_METRICS:
+            value = run
+            for part in path.split("."):
+                assert part in value, f"{name}: {path} missing from the bench JSON"
+                value = value[part]
+        assert run["both_in_memory"]
+        # A B A B: every pair has a baseline block and a blip_app block, with the bandwidth beside them.
+        assert len(run["pairs"]) == 2
+        for pair in run["pairs"]:
+            assert len(pair["baseline"]["chat_turns_s"]) == 5 and len(pair["app"]["chat_turns_s"]) == 5
+            assert pair["bandwidth_gbs"] > 0 and pair["app"]["four_different_batches"]
+        assert run["ratios"]["chat_turn_5"]["n"] == 2
+        assert run["ratios"]["chat_turn_5"]["min"] <= run["ratios"]["chat_turn_5"]["median"] <= \
+            run["ratios"]["chat_turn_5"]["max"]
+    int4 = saved["runs"]["int4-weight-only"]
+    assert int4["warm_from_cache"] and int4["quantize_s"] > 0
+    assert 0 < int4["layer_errors"]["all"]["median"] < 0.15 and "fc1" in int4["layer_errors"]["by_kind"]
+    assert saved["runs"]["none"]["layer_errors"] is None and 0 < saved["runs"]["none"]["bf16_layer_error"] < 0.02
+    assert int4["decode_bytes"] < 0.5 * saved["runs"]["none"]["decode_bytes"]
+    metrics = {(row["quantization"], row["metric"]) for row in saved["targets"]}
+    assert ("int4-weight-only", "chat turn 5, speed-up") in metrics
+    assert ("int4-weight-only", "warm start / bfloat16 load") in metrics
+    assert ("none", "chat turn 5, speed-up") in metrics
+    text = markdown.read_text()
+    assert "### int4-weight-only" in text and "speed-up per pair: median (min-max)" in text and "### Targets" in text
+    assert result["targets"] == saved["targets"]
 
 
-def test_bench_skip_baseline(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_bench_frees_the_other_side_when_both_do_not_fit(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
     from blip_app.devtools import bench
 
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    args = parser.parse_args(["--model", str(tiny_checkpoints["instructblip-flan-t5"]), "--quick", "--skip-baseline",
-                              "--bandwidth-gb", "0.02", "--no-speed"])
-    result = bench.run_bench(args)
-    assert result["baseline"] is None
-    assert result["blip_app"]["speed_applied_by"] == "none"
-    assert len(result["blip_app"]["chat_turns_s"]) == 5
+    args = _bench_args("--model", str(tiny_checkpoints["blip2-flan-t5"]), "--quick", "--bandwidth-gb", "0.02",
+                       "--quantization", "int8-weight-only", "--memory-gb", "0", "--quantized-cache-dir",
+                       str(tmp_path / "q"))
+    run = bench.run_bench(args)["runs"]["int8-weight-only"]
+    assert not run["both_in_memory"]
+    # Each pair loads the baseline again (the app was freed for it) and then the app again.
+    assert all("baseline_load_s" in pair and "app_load_s" in pair for pair in run["pairs"])
+
+
+def test_paired_ratios_are_taken_pair_by_pair() -> None:
+    from blip_app.devtools import bench
+
+    def block(scale: float) -> dict:
+        return {"caption_new_s": 2 * scale, "caption_known_s": scale, "decode_s_per_token": 0.1 * scale,
+                "ttft_s": scale, "chat_turns_s": [scale] * 5, "four_different_s": 3 * scale,
+                "four_same_s": 2 * scale, "one_request_s": 2 * scale}
+
+    # The host gets twice as slow in the second pair; blip_app is 2x faster in both: the ratios say 2, 2.
+    pairs = [{"baseline": block(2.0), "app": block(1.0), "bandwidth_gbs": 20, "bandwidth_after_gbs": 10,
+              "baseline_decode_bytes": 2e9},
+             {"baseline": block(4.0), "app": block(2.0), "bandwidth_gbs": 10, "bandwidth_after_gbs": 10,
+              "baseline_decode_bytes": 2e9}]
+    out = {"pairs": pairs, "decode_bytes": 1e9}
+    bench._summarise(out, True)
+    assert out["ratios"]["chat_turn_5"] == {"median": 2.0, "min": 2.0, "max": 2.0, "n": 2}
+    assert out["four_different_x_one"]["median"] == 1.5
+    assert out["decode_floor_s"]["min"] == 0.1  # bytes over the lower of the two bandwidths around the pair
+    assert math.isclose(out["ratios"]["four_different"]["median"], 4 * 2 * 2 / 3)

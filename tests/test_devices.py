@@ -83,7 +83,7 @@ def test_bitsandbytes_configs_follow_the_docs():
 
 
 def test_int8_cpu_is_refused_on_a_gpu_with_the_alternative_named():
-    with pytest.raises(ModelLoadError, match="8bit or 4bit"):
+    with pytest.raises(ModelLoadError, match="int8-weight-only, int4-weight-only, or 8bit / 4bit"):
         plan_load(OPT, LoadOptions(quantization="int8-cpu"), GPU_BF16)
     plan = plan_load(OPT, LoadOptions(quantization="int8-cpu"), CPU_BF16)
     assert plan.device_map == {"": "cpu"} and plan.precision_label == "int8-cpu"

@@ -332,6 +332,43 @@ def test_concurrent_requests_are_batched_with_the_same_results(models, family):
     assert max(r.batch_size for r in batched) == 4
 
 
+@pytest.mark.parametrize("family", ["blip2-opt", "instructblip-flan-t5"])
+def test_a_batch_of_new_images_goes_through_the_vision_encoder_in_one_pass(models, family):
+    """Item 5 of issue 13: 4 concurrent requests with 4 new images, one vision-encoder call of 4 images,
+    and the same tokens as 4 requests one by one."""
+    loaded = models[family]
+    settings = GenerationSettings(max_new_tokens=6, num_beams=1)
+    work = [(noise(60 + i), loaded.prepare(Task.CAPTION)) for i in range(4)]
+    loaded.clear_caches()
+    alone = [loaded.generate(image, prepared, settings) for image, prepared in work]
+    loaded.clear_caches()
+    calls: list[int] = []
+    hook = loaded.model.vision_model.register_forward_hook(
+        lambda module, args, kwargs_or_out, *rest: calls.append(1), with_kwargs=False)
+    sizes: list[int] = []
+    shape_hook = loaded.model.vision_model.embeddings.register_forward_hook(
+        lambda module, args, out: sizes.append(out.shape[0]))
+    try:
+        results: dict[int, object] = {}
+        lock = DEVICE_LOCKS.get("cpu")
+        lock.acquire()
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, loaded.generate(*work[i], settings)))
+                   for i in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.2)
+        lock.release()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        hook.remove()
+        shape_hook.remove()
+    batched = [results[i] for i in range(4)]
+    assert max(r.batch_size for r in batched) == 4
+    assert len(calls) == 1 and sizes == [4]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+
+
 def test_batched_requests_with_different_settings_are_served_separately(models):
     loaded = models["blip2-opt"]
     a, b = GenerationSettings(max_new_tokens=4, num_beams=1), GenerationSettings(max_new_tokens=5, num_beams=2)
@@ -393,21 +430,16 @@ def test_cpu_speedups_are_applied_at_load_and_keep_the_numbers(tiny_checkpoints,
     applied = speed.applied(fast.model)
     assert "resident" in applied and speed.mapped_bytes(fast.model) == 0
     if speed.packing_supported():  # bfloat16 instructions (AVX-512 bf16 / AMX): this machine and CI
-        # Each side is packed only where packed kernels measured faster: 257-row products for the
-        # vision encoder, a decode row for the language model.
-        vision = speed.kernel_choice(fast.model, "vision")
-        assert vision["rows"] == 257 and vision["dense_s"] > 0 and vision["packed_s"] > 0
-        vision_packed = any(isinstance(m, speed.PackedLinear) for m in fast.model.vision_model.modules())
-        assert vision_packed == vision["packed"] != ("dense-vision" in applied)
-        choice = speed.kernel_choice(fast.model)
-        assert choice["dense_s"] > 0 and choice["packed_s"] > 0 and choice["layers"] > 0
-        lm_packed = any(isinstance(m, speed.PackedLinear) for m in fast.model.language_model.modules())
-        assert lm_packed == choice["packed"] == ("packed-lm" in applied) != ("dense-lm" in applied)
+        # Kernels by rule (speed.KERNEL_RULE): dense on both sides, the same kernels as from_pretrained's.
+        assert speed.kernel_choice(fast.model, "vision") == {"packed": False, "rule": speed.KERNEL_RULE}
+        assert speed.kernel_choice(fast.model) == {"packed": False, "rule": speed.KERNEL_RULE}
+        assert "dense-vision" in applied and "dense-lm" in applied
+        assert not any(isinstance(m, speed.PackedLinear) for m in fast.model.modules())
     assert ("lm-eager" in applied) == fast.spec.decoder_only
     plain = LoadedModel.load(resolve(str(tiny_checkpoints[family])), LoadOptions(cpu_speedups=False))
     assert speed.applied(plain.model) == ()
     assert not any(isinstance(m, speed.PackedLinear) for m in plain.model.modules())
-    # Whatever the measurement chose here, the other choice must be as good: a second copy, LM packed.
+    # Packed kernels, asked for, must be as good: a second copy, both sides packed.
     forced = LoadedModel.load(resolve(str(tiny_checkpoints[family])), LoadOptions(cpu_speedups=False))
     speed.apply_cpu_defaults(forced.model, pack_language=True, pack_vision=True)
     if speed.packing_supported():

@@ -92,7 +92,10 @@ class CatalogEntry:
 
 # int8-cpu: int8 language-model linears, float32 embeddings beside them, the vision side in bfloat16
 # (blip2-opt-2.7b: 5.3 GB for 3.74 B parameters).
-BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "8bit": 1.0, "4bit": 0.55, "int8-cpu": 1.45}
+# int8/int4-weight-only: the language model's linears quantised, the vision side in bfloat16 (blip2-opt-2.7b:
+# 1.0 B vision + Q-Former parameters at 2 bytes, 2.7 B at 1 or 0.56 bytes).
+BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "8bit": 1.0, "4bit": 0.55, "int8-cpu": 1.45,
+                   "int8-weight-only": 1.3, "int4-weight-only": 0.95}
 
 _OPT_2_7B = Architecture(hidden=2560, layers=32, heads=32, mlp=10240, vocab=50272)
 _OPT_6_7B = Architecture(hidden=4096, layers=32, heads=32, mlp=16384, vocab=50272)

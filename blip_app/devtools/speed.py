@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -63,11 +64,21 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a torchao tensor (int4 data, scales and zero points), its inner tensors'."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names if getattr(tensor, name, None) is not None)
+    return tensor.numel() * tensor.element_size()
+
+
 def language_model_bytes(model: nn.Module) -> int:
-    """Bytes a decode step reads: the language model's weights (a tied matrix once, packed ones included)."""
+    """Bytes a decode step reads: the language model's weights (a tied matrix once, packed and quantized
+    ones included: int8 and int4 data with their scales)."""
     language_model = getattr(model, "language_model", model)
-    return sum(t.numel() * t.element_size() for _, _, t, _ in _named_tensors(language_model)
-               if t.dtype.is_floating_point or t.dtype in (torch.int8, torch.qint8)) + _quantized_bytes(language_model)
+    return sum(tensor_bytes(t) for _, _, t, _ in _named_tensors(language_model)
+               if t.dtype.is_floating_point or t.dtype in (torch.int8, torch.uint8, torch.qint8)
+               ) + _quantized_bytes(language_model)
 
 
 def decode_bytes(model: nn.Module) -> int:
@@ -81,7 +92,7 @@ def decode_bytes(model: nn.Module) -> int:
     for module in language_model.modules():
         if isinstance(module, nn.Embedding) and id(module.weight) not in read_by_outputs | seen:
             seen.add(id(module.weight))
-            total -= module.weight.numel() * module.weight.element_size()
+            total -= tensor_bytes(module.weight)
     return total
 
 
@@ -181,8 +192,94 @@ def _rss_gb() -> float:
     return psutil.Process().memory_info().rss / 1e9
 
 
+def kernel_table(*, out_features: int = 10240, in_features: int = 2560, rows: int = 1, layers: int = 16,
+                 rounds: int = 11, kinds: Iterable[str] = ("bf16", "packed", "int8", "int4-g32", "int4-g64",
+                                                            "int4-g128")) -> dict[str, dict[str, float]]:
+    """Milliseconds per layer of each kernel on ``layers`` random layers of one shape, in interleaved rounds
+    (median, min, max), with each kind's output error against float32 (``quantize.relative_error``).
+
+    ``bf16``: ``F.linear`` (the usual loop's kernel); ``packed``: oneDNN's blocked layout
+    (:class:`blip_app.models.speed.PackedLinear`); ``int8``: blip_app's int8 weight-only layer
+    (``aten._weight_int8pack_mm``); ``int8-torchao``: torchao's ``Int8Tensor`` in eager mode; ``int4-gN``:
+    torchao's CPU int4 weight-only with group size N."""
+    from blip_app.models import quantize
+    from blip_app.models.speed import PackedLinear, packing_supported
+
+    generator = torch.Generator().manual_seed(0)
+    base = []
+    for _ in range(layers):
+        layer = nn.Linear(in_features, out_features)
+        with torch.no_grad():
+            layer.weight.normal_(0, 0.02, generator=generator)
+        base.append(layer.to(torch.bfloat16))
+    sets: dict[str, list[nn.Module]] = {}
+    for kind in kinds:
+        if kind == "bf16":
+            sets[kind] = base
+        elif kind == "packed" and packing_supported():
+            sets[kind] = [PackedLinear(layer) for layer in base]
+        elif kind == "int8":
+            sets[kind] = [quantize.quantize_layer(layer, quantize.INT8) for layer in base]
+        elif kind == "int8-torchao":
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+            copies = [nn.Linear(in_features, out_features).to(torch.bfloat16) for _ in base]
+            for copy, layer in zip(copies, base):
+                copy.load_state_dict(layer.state_dict())
+                quantize_(copy, Int8WeightOnlyConfig())
+            sets[kind] = copies
+        elif kind.startswith("int4-g"):
+            sets[kind] = [quantize.quantize_layer(layer, quantize.INT4, group_size=int(kind[6:])) for layer in base]
+    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+    times: dict[str, list[float]] = {kind: [] for kind in sets}
+    with torch.inference_mode():
+        for modules in sets.values():
+            for module in modules:
+                module(x)
+        for _ in range(rounds):
+            for kind, modules in sets.items():
+                started = time.perf_counter()
+                for module in modules:
+                    module(x)
+                times[kind].append((time.perf_counter() - started) / len(modules) * 1e3)
+    table = {}
+    for kind, values in times.items():
+        values.sort()
+        table[kind] = {"median_ms": values[len(values) // 2], "min_ms": values[0], "max_ms": values[-1],
+                       "error": quantize.relative_error(base[0], sets[kind][0])}
+    return table
+
+
+def _kernels_main(argv: list[str]) -> int:
+    """``python -m blip_app.devtools.speed kernels [--threads N] [--rows R] [--shape OUTxIN]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m blip_app.devtools.speed kernels",
+                                     description=kernel_table.__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rows", type=int, default=1, help="input rows: 1 for a decode step, 257 for an image")
+    parser.add_argument("--shape", default="10240x2560", help="OUTxIN (default: OPT-2.7b's fc1)")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--kinds", default="bf16,packed,int8,int4-g32,int4-g64,int4-g128")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_features, in_features = (int(v) for v in args.shape.lower().split("x"))
+    table = kernel_table(out_features=out_features, in_features=in_features, rows=args.rows, layers=args.layers,
+                         rounds=args.rounds, kinds=[k.strip() for k in args.kinds.split(",") if k.strip()])
+    print(f"{out_features}x{in_features}, {args.rows} row(s), {torch.get_num_threads()} thread(s), "
+          f"{args.layers} layers x {args.rounds} interleaved rounds")
+    for kind, row in table.items():
+        print(f"{kind:14} {row['median_ms']:8.3f} ms ({row['min_ms']:.3f}-{row['max_ms']:.3f})  "
+              f"error {row['error']:.4f}")
+    return 0
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     """``python -m blip_app.devtools.speed [FOLDER] [--variants ...]``: decode s/token of each variant, one process.
+
+    ``python -m blip_app.devtools.speed kernels ...``: the per-layer kernel table (:func:`kernel_table`).
 
     Variants run in order on one model object: ``mmap`` (as loaded), ``resident``, ``eager`` (resident
     + eager attention), ``packed-keephead`` (packed linears but a tied ``lm_head`` left dense),
@@ -192,13 +289,16 @@ def main(argv: Iterable[str] | None = None) -> int:
     import argparse
     import json
 
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv[:1] == ["kernels"]:
+        return _kernels_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m blip_app.devtools.speed", description=main.__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", default=None, help="folder (default: real-size blip2-opt-2.7b)")
     parser.add_argument("--variants", default="mmap,resident,eager,packed-keephead,packed,packed-eager")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--json", default=None)
     parser.add_argument("--attempts", type=int, default=4, help="retries while other processes load the CPU")
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers import AutoModelForImageTextToText
 

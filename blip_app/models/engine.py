@@ -50,7 +50,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from blip_app.core import prompts
 from blip_app.core.catalog import CheckpointKind, Family, LanguageModel, ModelRef, PromptStyle, kind_from_config
-from blip_app.core.devices import Hardware, LoadOptions, LoadPlan, plan_load
+from blip_app.core.devices import WEIGHT_ONLY, Hardware, LoadOptions, LoadPlan, language_model_billions, plan_load
 from blip_app.core.images import image_digest
 from blip_app.core.settings import GenerationSettings, ModelTraits, Task
 from blip_app.errors import (
@@ -75,7 +75,7 @@ QFORMER_MAX_TEXT_TOKENS = 128
 
 def quantization_config(plan: LoadPlan) -> Any:
     """The bitsandbytes config for a plan, or None (as the transformers quantization docs show)."""
-    if plan.quantization in ("none", "int8-cpu"):  # int8-cpu is applied after loading (blip_app.models.speed)
+    if plan.quantization in ("none", "int8-cpu", *WEIGHT_ONLY):  # applied after loading (speed, quantize)
         return None
     from transformers import BitsAndBytesConfig
 
@@ -293,6 +293,11 @@ class FeatureCache:
             self._items.move_to_end(key)
             self.hits += 1
             return value
+
+    def __contains__(self, key: tuple) -> bool:
+        """Whether ``key`` is stored (not counted as a hit or a miss)."""
+        with self._lock:
+            return key in self._items
 
     def put(self, key: tuple, value: torch.Tensor) -> None:
         with self._lock:
@@ -554,7 +559,7 @@ class LoadedModel:
         self.checkpoint_generation = dict(checkpoint_generation or {})
         self.features = FeatureCache(feature_cache_size)
         self.image_token_id = int(model.config.image_token_index)
-        on_plan_device = plan.quantization in ("none", "int8-cpu")  # bitsandbytes places layers itself
+        on_plan_device = plan.quantization in ("none", "int8-cpu", *WEIGHT_ONLY)  # bitsandbytes places layers itself
         self.device = torch.device(plan.device if on_plan_device else _first_device(model))
         self.vision_dtype = next(model.vision_model.parameters()).dtype
         # The tokenizer's special and added tokens by id, and what it adds around any text (BOS or EOS).
@@ -570,6 +575,8 @@ class LoadedModel:
         self.max_batch = max_batch
         self.coalesce_s = coalesce_s
         self._batcher = _Batcher(self)
+        self.static_cache = False  # see set_static_cache
+        self.compile_config: Any = None
 
     # ---------------------------------------------------------------- load
 
@@ -593,8 +600,10 @@ class LoadedModel:
             config = AutoConfig.from_pretrained(where, **common)
         except Exception as exc:  # noqa: BLE001 - every cause is explained below
             raise _load_error(exc, ref) from exc
-        kind = kind_from_config(config.to_dict(), ref.label)
-        plan = plan_load(kind.language_model, options, hardware or detect_hardware())
+        config_dict = config.to_dict()
+        kind = kind_from_config(config_dict, ref.label)
+        plan = plan_load(kind.language_model, options, hardware or detect_hardware(),
+                         language_billions=language_model_billions(config_dict.get("text_config") or {}))
         for note in plan.notes:
             log.warning("%s: %s", ref.label, note)
         kwargs: dict[str, Any] = {"dtype": DTYPES[plan.dtype], "device_map": plan.device_map, **common}
@@ -612,10 +621,27 @@ class LoadedModel:
         keep_qformer_float32(model)
         spec = _spec_from(model, kind, ref, upgraded)
         generation = _saved_generation_settings(where, common)
-        applied = speed_up(model, plan, options)
+        applied = speed_up(model, plan, options, source=where)
         log.info("Loaded %s (%s, %s on %s%s)", ref.label, kind.family.value, plan.precision_label, plan.device,
                  f"; {', '.join(applied)}" if applied else "")
-        return cls(ref.name, model, processor, spec, plan, checkpoint_generation=generation, **engine_options)
+        loaded = cls(ref.name, model, processor, spec, plan, checkpoint_generation=generation, **engine_options)
+        if options.static_cache:
+            loaded.set_static_cache(True)
+        return loaded
+
+    def set_static_cache(self, enabled: bool, compile_config: Any = "auto") -> None:
+        """The static key/value cache with a compiled decode step (``--static-cache``), or back to eager.
+
+        ``compile_config`` "auto": transformers' ``CompileConfig(mode="reduce-overhead")`` on a GPU (its
+        automatic compilation of the decode step, CUDA graphs) and none on a CPU, where a compiled step
+        gained nothing without inductor's freezing (STACK.md). Tests pass a config of their own to run the
+        compiled path on a CPU."""
+        from transformers import CompileConfig
+
+        self.static_cache = bool(enabled)
+        if compile_config == "auto":
+            compile_config = CompileConfig(mode="reduce-overhead") if self.device.type == "cuda" else None
+        self.compile_config = compile_config if enabled else None
 
     # ---------------------------------------------------------------- phase 1: prepare
 
@@ -732,6 +758,39 @@ class LoadedModel:
         features = projection(queries.to(projection.weight.dtype)).to(self.model.get_input_embeddings().weight.dtype)
         self.features.put(full_key, features)
         return features
+
+    @torch.inference_mode()
+    def _encode_images(self, jobs: Sequence[_Job]) -> int:
+        """Vision encoder (and, for BLIP-2, Q-Former) once for all of a batch's images not cached yet: the
+        requests of a batch with different images share one pass (4 images, one call), and each result goes
+        into the feature cache, where :meth:`image_features` finds it. Returns how many images it encoded.
+
+        One image alone takes the usual path (nothing to share). Rows of a batched pass are computed as
+        they would be alone, so the tokens do not change (tested against one-by-one requests)."""
+        instruct = self.spec.family is Family.INSTRUCTBLIP
+        todo: dict[str, Image.Image] = {}
+        for job in jobs:
+            key = job.image_id
+            if key in todo or (key, job.prepared.qformer_text if instruct else None) in self.features:
+                continue
+            if instruct and (key, "<vision>") in self.features:
+                continue
+            todo[key] = job.image
+        if len(todo) < 2:
+            return 0
+        pixels = torch.cat([self.pixel_values(image) for image in todo.values()])
+        embeds = self.model.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state
+        if instruct:  # the Q-Former reads each request's text: it runs per request in image_features
+            for index, key in enumerate(todo):
+                self.features.put((key, "<vision>"), embeds[index:index + 1])
+        else:
+            projection = self.model.language_projection
+            queries = self.query_outputs(embeds, None)
+            features = projection(queries.to(projection.weight.dtype)).to(
+                self.model.get_input_embeddings().weight.dtype)
+            for index, key in enumerate(todo):
+                self.features.put((key, None), features[index:index + 1])
+        return len(todo)
 
     def query_outputs(self, image_embeds: torch.Tensor, text: str | None) -> torch.Tensor:
         """The Q-Former's query outputs for vision states (transformers' get_image_features, step 2), in the
@@ -866,6 +925,7 @@ class LoadedModel:
     def _generate_ids(self, jobs: list[_Job], settings: GenerationSettings,
                       on_text: Callable[[str], None] | None) -> None:
         """Run the language model on image features and prompt ids; put new ids and stop reasons on the jobs."""
+        self._encode_images(jobs)
         features = torch.cat([self.image_features(job.image, job.prepared.qformer_text, key=job.image_id)
                               for job in jobs])
         width = max(len(job.prepared.input_ids) for job in jobs)
@@ -906,6 +966,14 @@ class LoadedModel:
         if reuse:
             cache, jobs[0].reused_tokens = self.prefix_cache.take(feature_key, jobs[0].prepared.input_ids)
             kwargs["past_key_values"] = cache or DynamicCache(config=self.model.language_model.config)
+        elif self.static_cache:
+            # The GPU fast path (LoadOptions.static_cache): a preallocated key/value cache, so that the decode
+            # step has fixed shapes and transformers compiles it (CUDA graphs with "reduce-overhead"), as
+            # its CompileConfig documentation shows. A chat turn that reuses its conversation keeps the
+            # dynamic cache (a static one per conversation would hold the whole context's memory).
+            kwargs["cache_implementation"] = "static"
+            if self.compile_config is not None:
+                kwargs["compile_config"] = self.compile_config
         with _seeded(settings, self.device):
             output = self.model.language_model.generate(**inputs, **kwargs)
         sequences = output.sequences.tolist()
@@ -1031,18 +1099,24 @@ def qformer_queries(model: Any, image_embeds: torch.Tensor, text_ids: torch.Tens
     return output.last_hidden_state[:, : query_tokens.size(1), :]
 
 
-def speed_up(model: Any, plan: LoadPlan, options: LoadOptions) -> tuple[str, ...]:
-    """On a CPU, what :mod:`blip_app.models.speed` measured to help: weights resident in RAM, packed or dense
-    bfloat16 kernels chosen by timing the model's own layers, eager attention in a decoder-only language
-    model (so that prefix reuse is exact); int8 when asked for.
+def speed_up(model: Any, plan: LoadPlan, options: LoadOptions, *, source: str | None = None) -> tuple[str, ...]:
+    """After loading: the weight-only quantization asked for (:mod:`blip_app.models.quantize`, from its disk
+    cache when it holds this checkpoint), then on a CPU what :mod:`blip_app.models.speed` measured to help:
+    weights resident in RAM, dense bfloat16 kernels by rule, eager attention in a decoder-only language
+    model (so that prefix reuse is exact); int8-cpu when asked for.
 
-    Nothing on a GPU or for bitsandbytes. ``options.cpu_speedups=False`` leaves the model exactly as
-    ``from_pretrained`` made it (int8-cpu is still applied: it was asked for). Returns what was applied.
+    The quantization comes first, so the bfloat16 weights it replaces are never copied out of the
+    memory-mapped file. Nothing else on a GPU or for bitsandbytes. ``options.cpu_speedups=False`` leaves
+    the rest exactly as ``from_pretrained`` made it (a quantization asked for is still applied).
+    Returns what was applied.
     """
-    from blip_app.models import speed
+    from blip_app.models import quantize, speed
 
-    if plan.device != "cpu" or plan.quantization not in ("none", "int8-cpu"):
-        return ()
+    if plan.quantization in WEIGHT_ONLY:
+        quantize.apply(model, plan.quantization, source=source or "", revision=options.revision,
+                       cache_dir=options.quantized_cache_dir)
+    if plan.device != "cpu" or plan.quantization not in ("none", "int8-cpu", *WEIGHT_ONLY):
+        return speed.applied(model)
     int8 = plan.quantization == "int8-cpu"
     if options.cpu_speedups:
         return speed.apply_cpu_defaults(model, int8=int8)

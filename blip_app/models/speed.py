@@ -11,14 +11,15 @@ matrix-vector products stream them from memory. Three things decide that here:
 * **where the weights live** — ``from_pretrained`` memory-maps the safetensors file, so weights sit in
   4 KiB page-cache pages. Anonymous memory backed by transparent huge pages (2 MiB) streams faster
   (fewer TLB misses): :func:`make_resident`, :func:`huge_pages_enabled`.
-* **the kernel** — ``torch.nn.functional.linear`` in bfloat16 with one row of input reached about a third
-  of the memory bandwidth on one host of this kind, where oneDNN's inner product with the weight packed
+* **the kernel** (by a rule since issue 13: :data:`KERNEL_RULE`) — ``torch.nn.functional.linear`` in
+  bfloat16 with one row of input reached about a third of the memory bandwidth on one host of this kind, where oneDNN's inner product with the weight packed
   once into its blocked layout reached most of it (what inductor's ``freezing=True`` does inside
   ``torch.compile``, here without compiling): :func:`pack_linears`. On another host of the same kind
-  the packed kernel was the slower one (dense 12-14 GB/s against 20-23 for a plain read), so the
-  engine times both on the model's own layers at load: :func:`measure_kernel_choice`.
-* **bytes per weight** — int8 halves them (:func:`quantize_int8`), opt-in because its quality cannot be
-  judged on random weights.
+  the packed kernel was the slower one (dense 12-14 GB/s against 20-23 for a plain read); timing both at
+  load (:func:`measure_kernel_choice`) flipped from one load to the next, so the engine no longer does.
+* **bytes per weight** — weight-only int8 halves them and int4 quarters them
+  (:mod:`blip_app.models.quantize`, torchao); :func:`quantize_int8` (``int8-cpu``) also quantises the
+  activations, per tensor, which is known to break large OPT models.
 
 Attention (:func:`set_attention`) barely matters for speed at these lengths, but it decides whether a
 reused key/value cache gives bit-identical results (see :func:`apply_cpu_defaults`). ``torch.compile``
@@ -188,6 +189,12 @@ def _mapped_file(ptr: int, regions: list[_Region], starts: list[int]) -> str | N
     return None
 
 
+def is_plain(tensor: torch.Tensor) -> bool:
+    """False for a tensor subclass that wraps others (torchao's quantized weights): it has no storage of
+    its own to copy or pack."""
+    return not hasattr(tensor, "__tensor_flatten__")
+
+
 def _named_tensors(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor, bool]]:
     """(module, attribute, tensor, is_parameter) for every parameter and buffer, each tensor once."""
     seen: set[int] = set()
@@ -206,7 +213,8 @@ def mapped_bytes(model: nn.Module) -> int:
     starts = [r.start for r in regions]
     total = 0
     for _, _, tensor, _ in _named_tensors(model):
-        if tensor.device.type == "cpu" and not tensor.is_mkldnn and _mapped_file(tensor.data_ptr(), regions, starts):
+        if (tensor.device.type == "cpu" and not tensor.is_mkldnn and is_plain(tensor)
+                and _mapped_file(tensor.data_ptr(), regions, starts)):
             total += tensor.numel() * tensor.element_size()
     return total
 
@@ -233,7 +241,7 @@ def make_resident(model: nn.Module, *, huge_pages: bool = True) -> int:
     copied = 0
     with torch.no_grad():
         for module, name, tensor, is_param in list(_named_tensors(model)):
-            if tensor.device.type != "cpu" or tensor.is_mkldnn or tensor.numel() == 0:
+            if tensor.device.type != "cpu" or tensor.is_mkldnn or not is_plain(tensor) or tensor.numel() == 0:
                 continue
             if _mapped_file(tensor.data_ptr(), regions, starts) is None:
                 continue
@@ -353,7 +361,7 @@ def pack_linears(module: nn.Module, *, batch_hint: int = 1, skip: Callable[[str]
         parent = module.get_submodule(parent_name)
         layer = getattr(parent, attr)
         full = f"{parent_name}.{attr}" if parent_name else attr
-        if layer.weight.device.type != "cpu" or layer.weight.dtype is not torch.bfloat16:
+        if layer.weight.device.type != "cpu" or layer.weight.dtype is not torch.bfloat16 or not is_plain(layer.weight):
             continue
         if (skip is not None and skip(full)) or id(layer.weight) in tied:
             continue
@@ -447,6 +455,11 @@ def compile_note() -> str:
 # Applying them
 
 
+def mark(model: nn.Module, what: str) -> None:
+    """Record that ``what`` was applied to ``model`` (see :func:`applied`)."""
+    _mark(model, what)
+
+
 def _mark(model: nn.Module, what: str) -> None:
     applied = list(getattr(model, _APPLIED, ()))
     if what not in applied:
@@ -481,7 +494,8 @@ def measure_kernel_choice(module: nn.Module, *, sample_bytes: float = 0.35e9, ro
     head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
     for parent_name, attr in _linear_slots(module):
         layer = getattr(module.get_submodule(parent_name), attr)
-        if layer is head or layer.weight.device.type != "cpu" or layer.weight.dtype is not torch.bfloat16:
+        if (layer is head or layer.weight.device.type != "cpu" or layer.weight.dtype is not torch.bfloat16
+                or not is_plain(layer.weight)):
             continue  # the output head (found first, 50272 rows for OPT) is not a typical layer: the blocks are
         sample.append(layer)
         total += layer.weight.numel() * layer.weight.element_size()
@@ -523,27 +537,34 @@ def _record_choice(model: nn.Module, part: str, measured: dict[str, Any]) -> Non
     object.__setattr__(model, "_blip_app_kernel_choices", choices)
 
 
+KERNEL_RULE = ("dense bfloat16 kernels (the ones from_pretrained's model uses), packed only when asked: "
+               "timing both at load chose differently from one load to the next on this kind of host")
+
+
 def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool = True, int8: bool = False,
-                       pack_language: bool | None = None, pack_vision: bool | None = None,
+                       pack_language: bool | None = False, pack_vision: bool | None = False,
                        vision_attention: str | None = None,
                        language_attention: str | None = "eager") -> tuple[str, ...]:
     """What blip_app does to a BLIP-2 / InstructBLIP model on a CPU after loading; idempotent.
 
     1. :func:`make_resident` for every weight still memory-mapped (huge pages): decode 0.52 -> 0.47
-       s/token here (blip2-opt-2.7b, 2 threads);
-    2. :func:`pack_linears` on the vision encoder, the Q-Former and the projection (bfloat16 on a CPU
-       with bfloat16 instructions only) when :func:`measure_kernel_choice` measures the vision encoder's
-       own 257-row products faster packed (``pack_vision`` None), or as ``pack_vision`` says: the vision
-       encoder took 1.11-1.24 s packed against 1.48-1.68 dense in one measurement here, but 1.22 against
-       0.79 and 1.84 against 1.59 in two benchmark runs an hour later on the same machine;
-    3. the language model packed too when :func:`measure_kernel_choice` measures that it decodes faster
-       (``pack_language`` None), or as ``pack_language`` says. A tied ``lm_head`` (OPT) is packed with
-       it unless ``pack_tied`` is False (a second copy of the embedding matrix, 0.26 GB for OPT-2.7b);
-    4. with ``int8``: :func:`quantize_int8` on the language model instead (opt-in);
-    5. ``vision_attention``: left to transformers (sdpa) by default: with packed weights sdpa took
-       1.11-1.24 s per image here against 1.27-1.58 eager (another host had measured the opposite,
-       0.87-0.91 against 0.77-0.83, hence the option);
-    6. eager attention in a decoder-only language model (OPT, Vicuna), for exactness: in bfloat16, sdpa
+       s/token here (blip2-opt-2.7b, 2 threads). Weights that a quantization already replaced are not
+       read from the file at all;
+    2. kernels by a rule (:data:`KERNEL_RULE`), not by timing: the dense bfloat16 kernels, the same as
+       the usual loop's, so a bfloat16 decode is never slower than the baseline's and every load makes
+       the same choice. Timing dense against packed (oneDNN's blocked layout, :func:`pack_linears`) on the
+       model's own layers at start-up flipped between loads: packed decoded blip2-opt-2.7b twice as fast
+       on one host of this kind and 40% slower on another, and the vision encoder's 257-row products
+       measured either way round within an hour on one machine (an issue-13 run chose packed language
+       kernels and then decoded 0.5 times as fast as the baseline). ``pack_language`` / ``pack_vision``
+       True pack anyway (a tied ``lm_head`` too unless ``pack_tied`` is False: a second copy of the
+       embedding matrix, 0.26 GB for OPT-2.7b); None measures as before (:func:`measure_kernel_choice`,
+       for ``blip_app.devtools.speed``). Where decode speed matters, weight-only int4
+       (:mod:`blip_app.models.quantize`) reads a quarter of the bytes instead;
+    3. with ``int8``: :func:`quantize_int8` on the language model (``int8-cpu``, opt-in);
+    4. ``vision_attention``: left to transformers (sdpa) by default (another host had measured eager
+       faster, hence the option);
+    5. eager attention in a decoder-only language model (OPT, Vicuna), for exactness: in bfloat16, sdpa
        computes a follow-up turn's new tokens over a reused key/value cache differently (not bit for
        bit) from the whole prompt at once, so prefix reuse changed a greedy answer for 2 (OPT) and 5
        (Vicuna) of 20 tiny-model conversations; with eager attention, 0 of 20 for both (float32: 0 with
@@ -558,11 +579,11 @@ def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool =
     if device.type != "cpu" or getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
         return applied(model)
     done = applied(model)
-    if "resident" not in done:
-        make_resident(model)
     language_model = getattr(model, "language_model", model)
     if int8 and "int8" not in done:
         quantize_int8(language_model)
+    if "resident" not in applied(model):
+        make_resident(model)
     vision = getattr(model, "vision_model", None)
     if pack and packing_supported():
         if language_model is not model and not {"packed", "dense-vision"} & set(applied(model)):
@@ -571,20 +592,24 @@ def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool =
                 measured = measure_kernel_choice(vision, sample_bytes=0.1e9, rows=257)
                 _record_choice(model, "vision", measured)
                 choice = measured["packed"]
-                if not choice and "dense_s" in measured:
-                    _mark(model, "dense-vision")
+            elif vision is not None:
+                _record_choice(model, "vision", {"packed": bool(choice), "rule": KERNEL_RULE})
             if choice is None or choice:
                 pack_linears(model, skip=lambda name: name.startswith("language_model."))  # marks "packed"
+            else:
+                _mark(model, "dense-vision")
         if not {"packed-lm", "dense-lm", "int8"} & set(applied(model)):
             choice = pack_language
             if choice is None:
                 measured = measure_kernel_choice(language_model)
                 _record_choice(model, "language", measured)
                 choice = measured["packed"]
-                if not choice and "dense_s" in measured:
-                    _mark(model, "dense-lm")  # measured: dense decodes faster here
+            else:
+                _record_choice(model, "language", {"packed": bool(choice), "rule": KERNEL_RULE})
             if choice and pack_linears(language_model, skip_tied=not pack_tied):
                 _mark(model, "packed-lm")
+            else:
+                _mark(model, "dense-lm")
     if vision_attention and vision is not None and f"vision-{vision_attention}" not in applied(model):
         with contextlib.suppress(Exception):
             set_attention(vision, vision_attention)
