@@ -17,7 +17,8 @@ WEIGHT_ONLY = ("int8-weight-only", "int4-weight-only")
 QUANTIZATIONS = ("none", *WEIGHT_ONLY, "8bit", "4bit", "int8-cpu")
 # int8-weight-only / int4-weight-only: torchao, the language model's linear layers, activations kept in
 # bfloat16 (CPU and GPU; blip_app.models.quantize). int4-weight-only is the recommended mode on a CPU.
-# 8bit and 4bit: bitsandbytes (GPU memory; on a CPU they save memory but decode about 20 times slower).
+# 8bit and 4bit: bitsandbytes (GPU memory; on a CPU they save memory but decode far slower than bfloat16;
+# figures: docs/cpu-accelerations.md).
 # int8-cpu: torch's dynamic int8 (activations quantised per tensor too; CPU only, opt-in), refused from
 # INT8_ACTIVATION_LIMIT_B billion language-model parameters.
 INT8_ACTIVATION_LIMIT_B = 6.0

@@ -352,8 +352,9 @@ class _Batcher:
 
     Requests announced as on their way (:meth:`LoadedModel.arriving`: validated, being prepared) are
     waited for a moment (``model.coalesce_s``, 20 ms) before a batch starts, so that requests sent
-    together are served together even when one of them reaches the device first: measured at the
-    blip2-opt-2.7b size, 4 simultaneous captions ran as 1 + 3 without this.
+    together are served together even when one of them reaches the device first; without the wait,
+    simultaneous requests were split over two batches (figures: docs/cpu-accelerations.md, "Batching:
+    the coalesce window").
     """
 
     def __init__(self, model: LoadedModel) -> None:

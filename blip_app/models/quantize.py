@@ -1,13 +1,15 @@
 """Weight-only quantization of the language model through torchao, and the on-disk cache of its result.
 
 Two methods, chosen with ``--quantization`` (bitsandbytes' ``8bit`` / ``4bit`` stay apart: they save GPU
-memory and decode about 20 times slower on a CPU, /work/shared/STACK.md):
+memory, and on a CPU decode far slower than bfloat16; figures: docs/cpu-accelerations.md, "Weight-only
+quantization (torchao) and bitsandbytes on a CPU"):
 
 * ``int8-weight-only``: one int8 weight per parameter with one scale per output row (symmetric), the
   activations stay in the model's dtype. The row scales are chosen by torchao (``Int8Tensor.from_hp``,
   ``PerRow``). On a CPU the product runs in ``torch.ops.aten._weight_int8pack_mm`` (:class:`Int8WeightOnlyLinear`):
-  torchao's own eager path for this tensor converts the whole int8 weight to bfloat16 on every call, which
-  measured 10 times slower than the bfloat16 layer here (it is meant to be fused by ``torch.compile``).
+  torchao's own eager path for this tensor converts the whole int8 weight to bfloat16 on every call, so it
+  is slower than the bfloat16 layer unless ``torch.compile`` fuses it (figures: docs/performance.md,
+  section 1).
   On a GPU: torchao's ``Int8WeightOnlyConfig`` as its documentation shows.
 * ``int4-weight-only``: int4 weights in groups of :data:`INT4_GROUP_SIZE` input channels, each group with
   its own bfloat16 scale and zero point (asymmetric, torchao's "tinygemm" parameters). On a CPU torchao's
@@ -25,14 +27,15 @@ A layer whose input width is not a multiple of the group size (int4) is left as 
 report. While quantizing, each layer's output error against float32 is measured on fixed random inputs
 (:func:`relative_error`) and kept in the cache's metadata: the bench prints it at the real size.
 
-**Quantize once.** Quantizing blip2-opt-2.7b's language model takes about a minute here; the result is
-saved (``torch.save`` of the quantized layers' state, torchao's tensors included, loaded back with
-``weights_only=True``) under a key made of the checkpoint (hub id and revision, or a local folder and its
-weight files' names, sizes and modification times), the method and group size, the device kind, the
+**Quantize once.** Quantizing a language model takes far longer than loading its quantized layers
+(figures: docs/cpu-accelerations.md, "Weight-only quantization (torchao) and bitsandbytes on a CPU"); the
+result is saved (``torch.save`` of the quantized layers' state, torchao's tensors included, loaded back
+with ``weights_only=True``) under a key made of the checkpoint (hub id and revision, or a local folder and
+its weight files' names, sizes and modification times), the method and group size, the device kind, the
 dtype, and the torch and torchao versions. A second start loads the checkpoint memory-mapped, replaces the
-language model's layers by the cached ones before anything reads the bfloat16 weights, and so costs
-about what a bfloat16 load costs. A cache entry that does not match the model (missing layer, other
-shape) or cannot be read is ignored, recomputed and overwritten.
+language model's layers by the cached ones before anything reads the bfloat16 weights, and so costs about
+what a bfloat16 load costs. A cache entry that does not match the model (missing layer, other shape) or
+cannot be read is ignored, recomputed and overwritten.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """CPU accelerations the engine can apply to a loaded model, each measured (see docs/bench-opt-2.7b.md).
 
-Numbers below are for blip2-opt-2.7b at its real size (random bfloat16 weights, 3.74 B parameters, the
-language model's 5.30 GB read once per decode step) on the 2-core AVX-512-bf16 machine of
-/work/shared/STACK.md, two threads, batch 1, unless a docstring says otherwise. They were taken with
-``python -m blip_app.devtools.speed``, which prints the same table for any checkpoint.
+The docstrings here state the rules and their reasons; the figures behind them, with the model, threads
+and host they were taken on, are in docs/cpu-accelerations.md. ``python -m blip_app.devtools.speed``
+measures them again for any checkpoint.
 
 What a decode step costs is reading the language model's weights: what matters is how fast the
 matrix-vector products stream them from memory. Three things decide that here:
@@ -11,12 +10,12 @@ matrix-vector products stream them from memory. Three things decide that here:
 * **where the weights live** — ``from_pretrained`` memory-maps the safetensors file, so weights sit in
   4 KiB page-cache pages. Anonymous memory backed by transparent huge pages (2 MiB) streams faster
   (fewer TLB misses): :func:`make_resident`, :func:`huge_pages_enabled`.
-* **the kernel** (by a rule since issue 13: :data:`KERNEL_RULE`) — ``torch.nn.functional.linear`` in
-  bfloat16 with one row of input reached about a third of the memory bandwidth on one host of this kind, where oneDNN's inner product with the weight packed
-  once into its blocked layout reached most of it (what inductor's ``freezing=True`` does inside
-  ``torch.compile``, here without compiling): :func:`pack_linears`. On another host of the same kind
-  the packed kernel was the slower one (dense 12-14 GB/s against 20-23 for a plain read); timing both at
-  load (:func:`measure_kernel_choice`) flipped from one load to the next, so the engine no longer does.
+* **the kernel** (by a rule since issue 13: :data:`KERNEL_RULE`) — oneDNN's inner product with the
+  weight packed once into its blocked layout (what inductor's ``freezing=True`` does inside
+  ``torch.compile``, here without compiling: :func:`pack_linears`) can stream the weights much faster
+  than bfloat16 ``torch.nn.functional.linear`` with one row of input, or slower, depending on the host;
+  timing both at load (:func:`measure_kernel_choice`) flipped from one load to the next, so the engine
+  no longer does (figures: docs/cpu-accelerations.md, "Packed kernels", "The kernel rule").
 * **bytes per weight** — weight-only int8 halves them and int4 quarters them
   (:mod:`blip_app.models.quantize`, torchao); :func:`quantize_int8` (``int8-cpu``) also quantises the
   activations, per tensor, which is known to break large OPT models.
@@ -81,8 +80,8 @@ def large_allocations_mapped(threshold: int = 4 * 1024 * 1024) -> bool:
 
     glibc raises its mmap threshold after a large block is freed (up to 32 MB), after which weight-sized
     blocks come from the heap and freeing them (a dense weight replaced by its packed copy, a model
-    unloaded) leaves the memory with the process: measured, 1.6 GB more resident after packing
-    blip2-opt-2.7b without this. Fixing the threshold also stops that adjustment.
+    unloaded) leaves the memory with the process. Fixing the threshold also stops that adjustment
+    (figures: docs/cpu-accelerations.md, "glibc mmap threshold").
     """
     mallopt = getattr(_LIBC, "mallopt", None)
     return bool(mallopt is not None and mallopt(-3, threshold))  # M_MMAP_THRESHOLD
@@ -123,9 +122,9 @@ def huge_pages_enabled() -> bool:
 
     True when the kernel's mode is ``always``, or ``madvise`` with ``THP_MEM_ALLOC_ENABLE=1`` in the
     environment before torch was imported. Checked on a real allocation. Without it, :func:`make_resident`
-    and :func:`pack_linears` still get huge pages for the weights (madvise / MADV_COLLAPSE). Measured: a
-    bfloat16 sum streams at 43 GB/s without huge pages and 61 GB/s with them; a packed bfloat16
-    matrix-vector product at 46 and 75 GB/s.
+    and :func:`pack_linears` still get huge pages for the weights (madvise / MADV_COLLAPSE): weights on
+    huge pages stream faster, dense or packed, through fewer TLB misses (figures:
+    docs/cpu-accelerations.md, "Huge pages").
     """
     before = anon_huge_page_bytes()
     probe = torch.empty(8 * _HUGE_PAGE, dtype=torch.uint8)
@@ -143,7 +142,8 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
 def collapse_huge_pages(tensor: torch.Tensor) -> bool:
     """Move an already written tensor (dense or oneDNN-packed) onto huge pages (``MADV_COLLAPSE``, Linux 6.1+).
 
-    About 0.3 ms per MB here. Returns False when the kernel refuses or the tensor is too small.
+    Costs time in proportion to the tensor's size, once at load (figures: docs/cpu-accelerations.md,
+    "Huge pages"). Returns False when the kernel refuses or the tensor is too small.
     """
     if tensor.is_mkldnn:
         start, nbytes = torch.ops.mkldnn.data_ptr(tensor), torch.ops.mkldnn._nbytes(tensor)
@@ -228,8 +228,8 @@ def make_resident(model: nn.Module, *, huge_pages: bool = True) -> int:
     (``MADV_DONTNEED``: the kernel keeps them in its page cache, where they can be reclaimed), so the
     resident size never holds two copies: the peak is the model plus one tensor.
 
-    Measured (blip2-opt-2.7b, 2 threads): decode 0.377 s/token memory-mapped and 0.30 s/token resident
-    with plain kernels (STACK.md: about 1.25x). With :func:`pack_linears` the packed language-model
+    Resident weights decode faster than memory-mapped ones, which sit on 4 KiB page-cache pages (figures:
+    docs/cpu-accelerations.md, "Resident weights"). With :func:`pack_linears` the packed language-model
     weights are copies anyway; this function then matters for the vision encoder, the embeddings and
     the norms.
     """
@@ -308,7 +308,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # oneDNN is handed a 2-D matrix: with the (batch, tokens, features) input of a transformer it
-        # ran about 2 times slower (one decode row of OPT-2.7b's layers: 134 ms 3-D, 62 ms 2-D).
+        # ran much slower (figures: docs/cpu-accelerations.md, "Packed kernels").
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         if rows.dtype is not torch.bfloat16:
@@ -325,7 +325,8 @@ def _linear_slots(module: nn.Module) -> list[tuple[str, str]]:
     """(parent module name, attribute) of every ``nn.Linear`` under ``module``.
 
     Names, not module objects: holding the layers in a list would keep every replaced dense weight
-    alive until the end (measured: 16 GB instead of 8 while quantising OPT-2.7b).
+    alive until the end, beside its replacement, instead of one layer at a time (figures:
+    docs/cpu-accelerations.md, "Holding layers by name while replacing them").
     """
     return [(name, attr) for name, parent in module.named_modules()
             for attr, child in parent.named_children() if type(child) is nn.Linear]
@@ -348,9 +349,9 @@ def pack_linears(module: nn.Module, *, batch_hint: int = 1, skip: Callable[[str]
     matrix, which the embedding lookup needs, so packing it costs a second copy (0.26 GB for OPT-2.7b);
     ``skip_tied`` leaves such layers dense.
 
-    Measured, blip2-opt-2.7b, 2 threads, huge pages on: the six matrices of 8 OPT layers (1.26 GB) per
-    call: one row 56.5 ms dense -> 19.2 ms packed (22 -> 66 GB/s); 44 rows 112 -> 74 ms. A decode step
-    of the whole model: see blip_app.devtools.speed / docs/bench-opt-2.7b.md.
+    Packed products can stream the weights much faster than dense ones on one host and slower
+    on another, hence :data:`KERNEL_RULE` (figures: docs/cpu-accelerations.md, "Packed kernels"; a
+    decode step of the whole model: blip_app.devtools.speed / docs/bench-opt-2.7b.md).
     """
     if not packing_supported():
         return 0
@@ -381,9 +382,10 @@ def pack_linears(module: nn.Module, *, batch_hint: int = 1, skip: Callable[[str]
 def set_attention(model: nn.Module, implementation: str) -> str:
     """Switch the attention implementation (``sdpa`` or ``eager``) of a transformers model; return it.
 
-    Measured (decode, blip2-opt-2.7b): the two are within noise of each other at these lengths;
+    For decode speed the two are within noise of each other at these lengths, so exactness decides:
     :func:`apply_cpu_defaults` picks eager where it is exact (a decoder-only language model with a reused
-    key/value cache) and leaves the vision encoder's choice as an option (faster either way on two hosts).
+    key/value cache) and leaves the vision encoder's choice as an option, since each was the faster one
+    on some host (figures: docs/cpu-accelerations.md, "Attention implementation").
     """
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
@@ -405,7 +407,8 @@ def quantize_int8(language_model: nn.Module) -> int:
     model's other tensors (embeddings, norms) become float32; the vision encoder and the Q-Former keep
     their dtype. A tied ``lm_head`` gets its own int8 copy. Returns the number of quantised layers.
 
-    Measured: see docs/bench-opt-2.7b.md (STACK.md: 0.139 s/token against 0.42 for bfloat16 generate).
+    It decodes faster than bfloat16 (fewer bytes per weight; figures: docs/cpu-accelerations.md,
+    "int8-cpu (dynamic int8)", docs/bench-opt-2.7b.md).
     Quality cannot be judged on random weights: keep it opt-in until checked on a real checkpoint.
     ``torch.ao.quantization`` is deprecated in favour of torchao, and torch warns that quantised tensors
     will go in a future release; in torch 2.14 it still ships, needs no extra dependency and beat
@@ -431,7 +434,7 @@ def quantize_int8(language_model: nn.Module) -> int:
         del holder
         count += 1
         if count % 8 == 0:
-            gc.collect()  # quantize_dynamic leaves reference cycles holding the float32 layer: 16 GB without this
+            gc.collect()  # quantize_dynamic leaves reference cycles holding each float32 layer: they pile up
     gc.collect()
     language_model.float()
     release_free_memory()
@@ -442,11 +445,11 @@ def quantize_int8(language_model: nn.Module) -> int:
 def compile_note() -> str:
     """Why ``torch.compile`` with a static cache is not applied on CPU (STACK.md, measured there).
 
-    Static cache + ``torch.compile`` without freezing: 0.41-0.45 s/token (no gain over eager dynamic
-    cache). With inductor ``freezing=True``: 0.23-0.24 s/token, but about 2 minutes of compilation, a
-    second copy of the weights during it (peak about 15 GB for a 7.7 GB model), and a recompile on any
-    change of shape or thread count — and freezing's gain is the weight packing that
-    :func:`pack_linears` gets without compiling.
+    Static cache + ``torch.compile`` without freezing gains nothing over eager with a dynamic cache.
+    With inductor ``freezing=True`` it decodes faster, but compiling takes minutes, holds a second copy
+    of the weights meanwhile, and starts again on any change of shape or thread count — and freezing's
+    gain is the weight packing that :func:`pack_linears` gets without compiling (figures:
+    docs/cpu-accelerations.md, "torch.compile and a static cache on CPU").
     """
     return compile_note.__doc__.splitlines()[0]
 
@@ -483,11 +486,10 @@ def measure_kernel_choice(module: nn.Module, *, sample_bytes: float = 0.35e9, ro
     ``rows`` input rows (1: a decode step of a language model; 257: a vision-encoder image) through a
     sample of the module's own bfloat16 linear layers (its first ones, about ``sample_bytes``: more than
     the caches hold; not the output head), dense and packed, interleaved ``rounds`` times; the medians
-    decide, packed only when at least 10% faster. The packed copies are freed afterwards. It has to be
-    measured: on one host packed kernels decoded blip2-opt-2.7b twice as fast (0.093 against 0.195
-    s/token), on another of the same kind 40% slower (0.67-0.71 against 0.45-0.49 s/token); for the
-    vision encoder the two measured either way round between runs. Under a second at the real size.
-    Returns the timings and the decision (``packed``).
+    decide, packed only when at least 10% faster. The packed copies are freed afterwards. Neither kernel
+    wins on every host of the same kind, nor from one run to the next, which is why the engine now
+    follows :data:`KERNEL_RULE` and this is for ``blip_app.devtools.speed`` (figures:
+    docs/cpu-accelerations.md, "The kernel rule"). Returns the timings and the decision (``packed``).
     """
     sample: list[nn.Linear] = []
     total = 0
@@ -547,28 +549,28 @@ def apply_cpu_defaults(model: nn.Module, *, pack: bool = True, pack_tied: bool =
                        language_attention: str | None = "eager") -> tuple[str, ...]:
     """What blip_app does to a BLIP-2 / InstructBLIP model on a CPU after loading; idempotent.
 
-    1. :func:`make_resident` for every weight still memory-mapped (huge pages): decode 0.52 -> 0.47
-       s/token here (blip2-opt-2.7b, 2 threads). Weights that a quantization already replaced are not
-       read from the file at all;
+    1. :func:`make_resident` for every weight still memory-mapped (huge pages), since resident weights
+       decode faster (figures: docs/cpu-accelerations.md, "Resident weights"). Weights that a
+       quantization already replaced are not read from the file at all;
     2. kernels by a rule (:data:`KERNEL_RULE`), not by timing: the dense bfloat16 kernels, the same as
        the usual loop's, so a bfloat16 decode is never slower than the baseline's and every load makes
        the same choice. Timing dense against packed (oneDNN's blocked layout, :func:`pack_linears`) on the
-       model's own layers at start-up flipped between loads: packed decoded blip2-opt-2.7b twice as fast
-       on one host of this kind and 40% slower on another, and the vision encoder's 257-row products
-       measured either way round within an hour on one machine (an issue-13 run chose packed language
-       kernels and then decoded 0.5 times as fast as the baseline). ``pack_language`` / ``pack_vision``
-       True pack anyway (a tied ``lm_head`` too unless ``pack_tied`` is False: a second copy of the
-       embedding matrix, 0.26 GB for OPT-2.7b); None measures as before (:func:`measure_kernel_choice`,
-       for ``blip_app.devtools.speed``). Where decode speed matters, weight-only int4
-       (:mod:`blip_app.models.quantize`) reads a quarter of the bytes instead;
+       model's own layers at start-up flipped between hosts of one kind and between loads on one machine,
+       for the language model and the vision encoder's 257-row products alike, and a wrong pick made
+       decode slower than the baseline's (figures: docs/cpu-accelerations.md, "The kernel rule").
+       ``pack_language`` / ``pack_vision`` True pack anyway (a tied ``lm_head`` too unless ``pack_tied``
+       is False: a second copy of the embedding matrix, 0.26 GB for OPT-2.7b); None measures as before
+       (:func:`measure_kernel_choice`, for ``blip_app.devtools.speed``). Where decode speed matters,
+       weight-only int4 (:mod:`blip_app.models.quantize`) reads a quarter of the bytes instead;
     3. with ``int8``: :func:`quantize_int8` on the language model (``int8-cpu``, opt-in);
-    4. ``vision_attention``: left to transformers (sdpa) by default (another host had measured eager
-       faster, hence the option);
+    4. ``vision_attention``: left to transformers (sdpa) by default (eager was the faster one on
+       another host, hence the option);
     5. eager attention in a decoder-only language model (OPT, Vicuna), for exactness: in bfloat16, sdpa
        computes a follow-up turn's new tokens over a reused key/value cache differently (not bit for
        bit) from the whole prompt at once, so prefix reuse changed a greedy answer for 2 (OPT) and 5
        (Vicuna) of 20 tiny-model conversations; with eager attention, 0 of 20 for both (float32: 0 with
-       either). Decode speed: 0.454 eager against 0.465 s/token sdpa here. Flan-T5 keeps its default.
+       either). Decode speed is the same within noise (figures: docs/cpu-accelerations.md, "Attention
+       implementation"). Flan-T5 keeps its default.
 
     Nothing is applied on a GPU or to a bitsandbytes-quantised model. Returns :func:`applied`.
     """
