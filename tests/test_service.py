@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,17 @@ def test_a_prompt_too_long_for_any_answer_is_named_without_zero_tokens(small) ->
     message = str(raised.value)
     assert message == ("The question is too long for this model: beside the image (4 tokens), its context of 40 "
                        "tokens holds at most 35 tokens of text and a one-token answer. Please shorten it.")
+
+
+def test_the_model_libraries_are_imported_in_the_background() -> None:
+    """The first request used to pay for importing torch, transformers and the BLIP-2 classes (item 7)."""
+    code = ("import sys, time; from blip_app.tasks.service import import_models_in_background as start; "
+            "heavy = ('torch', 'transformers.models.blip_2.modeling_blip_2', "
+            "'transformers.models.instructblip.modeling_instructblip', 'blip_app.models.engine'); "
+            "before = [m for m in heavy if m in sys.modules]; thread = start(); returned = time.monotonic(); "
+            "thread.join(120); print(before, thread.daemon, [m for m in heavy if m not in sys.modules])")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "[] True []"

@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import importlib
+import logging
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +35,40 @@ MAX_HISTORY_TURNS = 500
 ANSWER_CHARS_FACTOR = 4
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+log = logging.getLogger(__name__)
+
+# What the first request would import (torch, transformers and the classes from_pretrained resolves lazily).
+HEAVY_MODULES = ("blip_app.models.retrieval", "blip_app.models.engine")
+HEAVY_CLASSES = ("Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration", "Blip2ForImageTextRetrieval",
+                 "Blip2Processor", "InstructBlipProcessor", "BlipImageProcessor", "GPT2Tokenizer", "T5Tokenizer",
+                 "LlamaTokenizer", "BertTokenizer")
+
+
+def import_models_in_background() -> threading.Thread:
+    """Import torch, transformers and the model classes in a daemon thread, started now; returns the thread.
+
+    The app imports them only when a model is first used, so that starting it and building the page stay
+    quick; without this the first request would also pay for the imports (seconds on a CPU host). A
+    request arriving meanwhile waits only for what is still being imported (Python's per-module import
+    locks). A failure is logged; the request that needs the module then reports it.
+    """
+    def work() -> None:
+        started = time.monotonic()
+        try:
+            for name in HEAVY_MODULES:
+                importlib.import_module(name)
+            transformers = importlib.import_module("transformers")
+            for name in HEAVY_CLASSES:
+                getattr(transformers, name, None)  # transformers imports its model modules on first access
+        except Exception:  # noqa: BLE001 - never fatal here
+            log.exception("Importing the model libraries in the background failed")
+            return
+        log.info("Imported torch and transformers in the background in %.1f s", time.monotonic() - started)
+
+    thread = threading.Thread(target=work, name="import-models", daemon=True)
+    thread.start()
+    return thread
 
 
 def clean_message(text: Any, *, what: str, max_chars: int, allow_empty: bool = False) -> str:
