@@ -324,7 +324,7 @@ def test_every_model_and_upload_handler_counts_against_the_rate_limit(service, m
     try:
         scorer = Tabs.create(trusting, config, RateLimiter(60, burst=2))
         lines = [scorer.caption.score_caption(photo, "a cat", _Session("scores", host="10.0.0.66")) for _ in range(3)]
-        assert "Confidence:" in lines[0] and TOO_QUICK in lines[2] and "not available" in lines[2]
+        assert "Image-text match:" in lines[0] and TOO_QUICK in lines[2] and "not available" in lines[2]
     finally:
         trusting.manager.close()
 

@@ -39,6 +39,7 @@ from blip_app.web.common import (
     model_status,
     notify,
     prompt_stats,
+    reply_note,
     session_id,
     split_settings,
 )
@@ -177,15 +178,18 @@ def style_to_preset(style: Any, preset: Any) -> None:
 
 
 def trust_span(label: str, hover: str) -> str:
-    """"Confidence: <label>" with ``hover`` as its title (both escaped)."""
+    """The words "Image-text match: <label>" with ``hover`` as its title (both escaped)."""
     label = str(label)
     title = f"{hover}. How well the text describes the picture, not whether it is right."
     return (f'<span class="trust trust-{html.escape(label.replace(" ", "-"))}" title="{html.escape(title)}">'
-            f"Confidence: <strong>{html.escape(label)}</strong></span>")
+            f"Image-text match: <strong>{html.escape(label)}</strong></span>")
 
 
 def trust_html(trust: Any = None, *, note: str | None = None) -> str:
-    """The trust line: "Confidence: likely", with the match probability in the hover title; or why there is none.
+    """The trust line: "Image-text match: likely" (the match probability in the hover title), or why there is none.
+
+    It names what is measured: how well the text matches the picture, which readers took for the answer's
+    correctness when it said "Confidence".
 
     ``trust`` is a retrieval.Trust. Everything in the line is escaped: the model name may be a folder path.
     """
@@ -193,7 +197,7 @@ def trust_html(trust: Any = None, *, note: str | None = None) -> str:
         if not note:
             return ""
         return (f'<div class="trust-line"><span class="trust trust-none" title="{html.escape(note)}">'
-                "Confidence: not available</span></div>")
+                "Image-text match: not available</span></div>")
     return f'<div class="trust-line">{trust_span(trust.label, trust.hover)}</div>'
 
 
@@ -234,6 +238,10 @@ class Tab:
     def picture(self, value: Any) -> Any:
         """The uploaded image, decoded by blip_app.core.images.load_image (raises BadImageError)."""
         return decode_upload(value, self.image_limits)
+
+    def _label(self, model: str) -> str:
+        """How ``model`` is named to people (a folder by its name, never by its path on the server)."""
+        return next((state.label for state in captioning_states(self.service) if state.name == model), model)
 
     def stop(self, request: gr.Request, task: Any) -> None:
         """Event: stop this session's running work in ``task`` at its next token."""
@@ -309,11 +317,12 @@ class Picker(Tab):
         return self.refresh_models(model)
 
 
-def _single_view(output: Any = None, *, busy: bool = False, prompt: Any = None, stats: Any = None) -> tuple[Any, ...]:
-    """Values for a caption/ask tab's outputs: output, run button, stop button, prompt, stats."""
+def _single_view(output: Any = None, *, busy: bool = False, prompt: Any = None, stats: Any = None,
+                 note: Any = None) -> tuple[Any, ...]:
+    """Values for a caption/ask tab's outputs: output, run button, stop button, prompt, stats, note."""
     keep = gr.skip()
     return (keep if output is None else output, gr.Button(visible=not busy), gr.Button(visible=busy),
-            keep if prompt is None else prompt, keep if stats is None else stats)
+            keep if prompt is None else prompt, keep if stats is None else stats, keep if note is None else note)
 
 
 class ReplyTab(Tab):
@@ -335,7 +344,7 @@ class ReplyTab(Tab):
         job = self.running.start(session, task)
         text = ""
         try:
-            yield _single_view(THINKING, busy=True)
+            yield _single_view(THINKING, busy=True, note="")
             prepared = self._prepare(model, request, progress)
             yield _single_view(busy=True, prompt=prepared.prompt.text or EMPTY_PROMPT, stats=prompt_stats(prepared))
             for reply in self.service.stream(model, picture, request, cancel=job.cancel):
@@ -346,7 +355,8 @@ class ReplyTab(Tab):
                 output = reply.text or EMPTY_REPLY
                 if reply.stopped_early == "time limit":
                     output += " [cut short at the time limit]"
-                yield _single_view(output, stats=prompt_stats(prepared, reply))
+                notes = [*prepared.prompt.notes, reply_note(reply)]
+                yield _single_view(output, stats=prompt_stats(prepared, reply), note="\n\n".join(n for n in notes if n))
         except CancelledError:
             yield _single_view(f"{text} [stopped]" if text else "")
         except Exception as exc:  # noqa: BLE001
