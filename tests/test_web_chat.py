@@ -122,3 +122,50 @@ def test_the_chat_invites_a_question_once_an_image_is_loaded(tabs, uploaded: dic
     outputs = tabs.chat.on_image(uploaded, new_chat(), _Session())
     assert outputs[2].placeholder == READY_PLACEHOLDER and "Upload" not in READY_PLACEHOLDER
     assert take_message("What is it?") == ("", "What is it?")  # Send empties the box at once
+
+
+def test_a_model_that_cannot_load_is_marked_with_its_reason_and_the_picker_falls_back(tiny_checkpoints, tmp_path):
+    """Item 4: the state in place (picker and status line), never only in a toast."""
+    import shutil
+
+    from blip_app.config import AppConfig
+    from blip_app.core.devices import LoadOptions
+    from blip_app.tasks.service import Service
+    from blip_app.web.page import Tabs
+    from blip_app.web.ratelimit import RateLimiter
+
+    broken = tmp_path / "broken-opt"
+    shutil.copytree(tiny_checkpoints["blip2-opt"], broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    good = str(tiny_checkpoints["blip2-flan-t5"])
+    offline = LoadOptions(local_files_only=True, cache_dir=str(tmp_path / "empty-cache"))
+    service = Service([str(broken), good, "blip2-opt-2.7b"], offline)
+    try:
+        config = AppConfig(models=(str(broken), good, "blip2-opt-2.7b"), default_model=str(broken), load=offline,
+                           trust_model=None)
+        picker = Tabs.create(service, config, RateLimiter(0)).picker
+        choices, shown, status = picker.view("blip2-opt-2.7b")  # offline and not downloaded: known at once
+        assert dict((n, label) for label, n in choices)["blip2-opt-2.7b"].endswith("· unavailable")
+        assert shown == str(broken) and "**Unavailable**" in status and "runs offline" in status
+
+        views = list(picker.load_model(str(broken), _Session(), _no_progress))
+        dropdown, status = views[-1]
+        assert dropdown.value == good  # the page goes on with a model that works
+        assert "broken\\-opt cannot be used" in status and "blip2\\-flan\\-t5 is used instead" in status
+        assert str(tmp_path) not in status
+    finally:
+        service.manager.close()
+
+
+def test_loading_progress_is_told_in_words() -> None:
+    from types import SimpleNamespace
+
+    from blip_app.web.widgets import loading_status
+
+    bars = [SimpleNamespace(desc="model.safetensors", index=1_234_567_890, length=5_300_000_000, unit="B"),
+            SimpleNamespace(desc="Loading weights", index=45, length=1_230, unit="it")]
+    assert loading_status("blip2-opt-2.7b", bars, 12.3) == (
+        "**Loading** blip2\\-opt\\-2\\.7b… model\\.safetensors\\: 1\\.2 GB of 5\\.3 GB; "
+        "Loading weights\\: 45 of 1\\,230 (12 s)")
+    assert loading_status("x", [], 0.2) == "**Loading** x… reading the checkpoint (0 s)"

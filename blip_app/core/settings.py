@@ -242,7 +242,8 @@ def resolve_settings(
     if settings.min_new_tokens > settings.max_new_tokens:
         if "min_new_tokens" in changes:
             raise SettingsError(
-                f"min_new_tokens ({settings.min_new_tokens:,}) is larger than max_new_tokens ({settings.max_new_tokens:,})."
+                f"min_new_tokens ({settings.min_new_tokens:,}) is larger than max_new_tokens "
+                f"({settings.max_new_tokens:,})."
             )
         settings = replace(settings, min_new_tokens=settings.max_new_tokens)
     return settings

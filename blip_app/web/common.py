@@ -393,7 +393,7 @@ def captioning_states(service: Service) -> list[ModelState]:
         if folder is not None:
             label = folder.name if names.count(folder.name) == 1 else f"{folder.parent.name}/{folder.name}"
             detail = "local folder" if state.state == "folder" else state.detail.replace(str(folder), label)
-            description = f"a checkpoint in the folder {label}" if state.description.startswith("checkpoint at ") \
+            description = f"A checkpoint in the folder {label}." if state.description.startswith("checkpoint at ") \
                 else state.description.replace(str(folder), label)
             state = dataclasses.replace(state, label=label, detail=detail, description=description)
         shown.append(state)

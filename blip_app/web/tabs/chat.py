@@ -150,8 +150,8 @@ def _regenerate_settings(settings: Mapping[str, Any], limits: Any) -> tuple[dict
 class ChatTab(Tab):
     """The Chat tab and the handlers behind it."""
 
-    def __init__(self, service: Service, config: AppConfig, limiter: RateLimiter) -> None:
-        super().__init__(service, config, limiter)
+    def __init__(self, service: Service, config: AppConfig, limiter: RateLimiter, **shared: Any) -> None:
+        super().__init__(service, config, limiter, **shared)
         # exports: deleted on the uploads' schedule (--delete-uploads-after; 0 keeps them)
         self.downloads = Downloads(keep_s=float(config.delete_uploads_after_s) or None)
         self._sliders: dict[str, Any] = {}  # the chat's settings sliders, by name
@@ -302,6 +302,7 @@ class ChatTab(Tab):
             else:
                 yield _chat_view(original, message=message, note="Stopped before the model answered.")
         except Exception as exc:  # noqa: BLE001
+            self.unusable(model, exc)
             notify(exc)
             yield _chat_view(original, message=message)
         finally:
@@ -466,8 +467,9 @@ class ChatTab(Tab):
             values.append(value)
         if capped:
             notes.append(f"Capped to this server's limits: {', '.join(capped)}.")
-        return (chat_messages(turns, None, state["meta"]), state, " ".join(notes), gr.Dropdown(choices=model_choices(states), value=chosen),
-                model_status(states, chosen), None, *_history_buttons(bool(turns)), *values)
+        return (chat_messages(turns, None, state["meta"]), state, " ".join(notes),
+                gr.Dropdown(choices=model_choices(states), value=chosen), model_status(states, chosen), None,
+                *_history_buttons(bool(turns)), *values)
 
     def build(self, image: Any, model: Any, status: Any) -> dict[str, Any]:
         """The tab's components and events; returns what the page wires to the image, the picker and the examples."""
