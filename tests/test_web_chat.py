@@ -169,3 +169,25 @@ def test_loading_progress_is_told_in_words() -> None:
         "**Loading** blip2\\-opt\\-2\\.7b… model\\.safetensors\\: 1\\.2 GB of 5\\.3 GB; "
         "Loading weights\\: 45 of 1\\,230 (12 s)")
     assert loading_status("x", [], 0.2) == "**Loading** x… reading the checkpoint (0 s)"
+
+
+def test_search_without_its_matching_model_says_what_to_do(tiny_checkpoints, tmp_path, uploaded: dict) -> None:
+    """The matching model is the server's (--trust-model), not the person's: the summary says so, in place."""
+    from blip_app.config import parse_config
+    from blip_app.tasks.service import Service
+    from blip_app.web.page import Tabs
+    from blip_app.web.ratelimit import RateLimiter
+
+    config = parse_config(["--model", str(tiny_checkpoints["blip2-opt"]), "--offline"])  # blip2-itm-vit-g
+    import dataclasses
+
+    load = dataclasses.replace(config.load, cache_dir=str(tmp_path / "empty-cache"))
+    config = dataclasses.replace(config, load=load)
+    service = Service(config.offered_models, load)
+    try:
+        search = Tabs.create(service, config, RateLimiter(0)).search
+        gallery, summary = search.run_search([uploaded], "a cat", _Session(), _no_progress)
+        assert summary.startswith("**Search is unavailable**") and "blip2\\-itm\\-vit\\-g" in summary
+        assert "`--trust-model`" in summary and "make-tiny" in summary
+    finally:
+        service.manager.close()
