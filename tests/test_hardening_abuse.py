@@ -871,7 +871,7 @@ def test_sigterm_cleans_the_apps_temp_folders(models: list[str], tmp_path: Path)
             server.wait()
     log = server.stderr.read()
     assert code == 0, log[-2000:]
-    assert "Imported torch and transformers in the background" in log  # app.main's cold-start warm-up
+    assert "Importing torch and transformers in the background" in log  # app.main's cold-start warm-up
     assert _partials(folder) == [] and not Path(uploaded.json()[0]).exists()
     assert not [path for path in mine if path.exists()]
 

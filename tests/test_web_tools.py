@@ -376,7 +376,8 @@ def test_export_then_import_continues_the_conversation(extras, models: list[str]
     record = upload(Path(json_button.value["path"]), name="chat.json")
     out = extras.chat.chat_import(record, {"image": digest, "turns": []}, models[0], None)
     chatbot, state, note, dropdown, status, pending = out[:6]
-    assert state == {"image": digest, "turns": chat["turns"]} and len(chatbot) == 4
+    # (the export recorded no author per turn: this chat was built by hand)
+    assert state == {"image": digest, "turns": chat["turns"], "meta": [{}, {}], "replaced": []} and len(chatbot) == 4
     assert dropdown.value == models[1] and "Loaded 2 turn(s)" in note and pending is None
     assert chatbot[3]["content"] == inert("tabby <b>brown</b>")
     assert all(button.interactive for button in out[6:9])

@@ -54,6 +54,7 @@ def import_models_in_background() -> threading.Thread:
     locks). A failure is logged; the request that needs the module then reports it.
     """
     def work() -> None:
+        log.info("Importing torch and transformers in the background")
         started = time.monotonic()
         try:
             for name in HEAVY_MODULES:
