@@ -47,9 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own requests, one line each
+    from blip_app.tasks.service import import_models_in_background
     from blip_app.web import server
 
     demo, service = create_app(config)
+    import_models_in_background()  # the first request would otherwise wait for torch and transformers
     if config.preload:
         log.info("Preloading %s", config.default_model)
         log.info(service.load(config.default_model))

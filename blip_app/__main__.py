@@ -1,7 +1,8 @@
-"""Command line: ``python -m blip_app {caption,ask,embed,models,make-tiny,serve-ray} ...``.
+"""Command line: ``python -m blip_app COMMAND ...`` (``COMMAND --help`` lists its options).
 
 A failure prints one line naming the problem on stderr (no traceback; ``--verbose`` shows it) and
-exits non-zero: 2 for bad usage or input, 1 for a model that cannot be loaded or run.
+exits non-zero: 2 for bad usage or input, 1 for a model that cannot be loaded or run. Without
+``--verbose`` stderr carries only those lines and per-file notes: no progress bars, no library warnings.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m blip_app`` parser."""
-    parser = argparse.ArgumentParser(prog="python -m blip_app", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m blip_app",
+                                     description="Caption, question, score and search images with BLIP-2 and "
+                                                 "InstructBLIP models. Every command is listed below; "
+                                                 "COMMAND --help lists its options.")
     parser.add_argument("--verbose", "-v", action="store_true", help="log progress and show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -85,10 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {name: getattr(args, name) for name in SETTING_NAMES if getattr(args, name, None) is not None}
-
-
 def _session(args: argparse.Namespace):
     from blip_app.tasks.service import Service
 
@@ -105,17 +105,21 @@ def cmd_ask(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     service = _session(args)
     reply = service.answer(args.model, image, args.question, preset=Preset(args.preset),
-                           overrides=_overrides(args), short=args.short)
+                           overrides=cli_commands.overrides(args), short=args.short)
     if args.json:
         print(json.dumps({"image": args.image, "model": args.model, "question": args.question,
                           "answer": reply.text}, ensure_ascii=False))
     else:
         print(reply.text)
+    if not reply.text.strip():
+        print(cli_commands.EMPTY_ANSWER, file=sys.stderr)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """Print the catalog."""
+    """Print the catalog: the captioning models, then the image-text matching model (trust scores, search)."""
+    from blip_app.models.retrieval import RETRIEVAL_CATALOG
+
     rows = []
     for entry in catalog_entries():
         rows.append({
@@ -125,6 +129,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             "memory_gb": {p: entry.memory_gb(p) for p in ("bfloat16", "8bit", "4bit")},
             "description": entry.description,
         })
+    for matching in RETRIEVAL_CATALOG.values():  # no language model: no context, no 8/4-bit loading
+        rows.append({
+            "name": matching.name, "hub_id": matching.hub_id, "family": matching.family.value,
+            "language_model": None, "prompt_style": None, "context_tokens": None, "gpu_dtype": "float16",
+            "memory_gb": {"bfloat16": matching.memory_gb("bfloat16"), "8bit": None, "4bit": None},
+            "description": matching.description,
+        })
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -132,9 +143,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     header = f"{'name':26} {'family':13} {'LM':8} {'context':>7} {'GPU dtype':9} {'GB 16-bit/8-bit/4-bit':>21}"
     print(header)
     for row in rows:
-        memory = "{bfloat16:>5} / {8bit:>4} / {4bit:>4}".format(**row["memory_gb"])
-        print(f"{row['name']:26} {row['family']:13} {row['language_model']:8} {row['context_tokens']:>7} "
-              f"{row['gpu_dtype']:9} {memory:>21}")
+        memory = " / ".join(f"{row['memory_gb'][p]:>4}" if row["memory_gb"][p] is not None else "   -"
+                            for p in ("bfloat16", "8bit", "4bit"))
+        print(f"{row['name']:26} {row['family']:13} {row['language_model'] or '-':8} "
+              f"{row['context_tokens'] or '-':>7} {row['gpu_dtype']:9} {memory:>21}")
+    print("\nblip2-itm-vit-g is the image-text matching model behind trust scores and search (trust, search, embed; "
+          "the app's --trust-model): it cannot caption.")
     return 0
 
 
@@ -165,17 +179,28 @@ COMMANDS = {"bench": cmd_bench, "caption": cli_commands.cmd_caption, "ask": cmd_
 _USAGE_ERRORS = (BadImageError, BadInputError, SettingsError, UnknownModelError)
 
 
+def _quiet_libraries() -> None:
+    """No progress bars or library warnings on stderr (set before torch and transformers are imported:
+    they read these once, at import)."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the hub's downloads and transformers' own bars
+    os.environ.setdefault("TORCH_LOGS", "-all")  # torch's import-time notices
+    warnings.simplefilter("ignore")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; return the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve-ray"]:
-        return _serve_ray(argv[1:])
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(argument in ("--verbose", "-v") for argument in arguments)
+    if not verbose:
+        _quiet_libraries()
+    if arguments[:1] == ["serve-ray"]:
+        return _serve_ray(arguments[1:])
+    args = build_parser().parse_args(arguments)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return COMMANDS[args.command](args)
     except BlipAppError as exc:

@@ -23,6 +23,9 @@ from blip_app.errors import UnknownModelError
 DEFAULT_MODELS = ("blip2-opt-2.7b", "blip2-flan-t5-xl", "instructblip-flan-t5-xl", "instructblip-vicuna-7b")
 # The image-text matching model behind trust scores and search.
 DEFAULT_TRUST_MODEL = DEFAULT_RETRIEVAL_MODEL
+# Requests a minute per client where the app is public (see is_public); a local app has no limit, so that a
+# script captioning a folder one /caption call at a time, as the README advises, is never refused.
+PUBLIC_RATE_LIMIT = 30
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class AppConfig:
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     max_message_chars: int = 2000
     time_limit_s: float = 300.0
-    rate_limit_per_minute: int = 30
+    rate_limit_per_minute: int = 30  # parse_config: 30 where the app is public, else 0 (public_by_default)
     preload: bool = False  # load the default model at start-up instead of on first use
     delete_uploads_after_s: int = 3600
     # Trust scores and search: the image-text matching model, offered beside the captioning models (None: off).
@@ -58,6 +61,19 @@ class AppConfig:
     def offered_models(self) -> tuple[str, ...]:
         """Every model the service offers: the captioning models, then the image-text matching one."""
         return self.models + ((self.trust_model,) if self.trust_model else ())
+
+
+def is_public(host: str, on_spaces: bool) -> bool:
+    """Whether clients other than this machine can reach the app: on a Space, or listening beyond loopback."""
+    if on_spaces:
+        return True
+    name = host.strip().strip("[]").lower()
+    if name in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return True  # a host name that may resolve to any interface
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -102,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--offline", action="store_true", default=None,
                         help="never download; local cache and folders only [BLIP_APP_OFFLINE=1, HF_HUB_OFFLINE=1]")
     parser.add_argument("--rate-limit", type=int,
-                        help="requests a minute per client, 0 for no limit (default 30) [BLIP_APP_RATE_LIMIT]")
+                        help=f"requests a minute per client, 0 for no limit (default {PUBLIC_RATE_LIMIT} on a Space or "
+                             "when listening beyond loopback, else none) [BLIP_APP_RATE_LIMIT]")
     parser.add_argument("--delete-uploads-after", type=int, metavar="SECONDS",
                         help="delete uploaded images this long after they arrive; 0 keeps them "
                              "(default 3600) [BLIP_APP_DELETE_UPLOADS_AFTER]")
@@ -192,18 +209,20 @@ def parse_config(argv: Sequence[str] | None = None) -> AppConfig:
         except ValueError:
             parser.error(f"--trusted-proxy {proxy.strip()!r} is not an IP address or network (such as 10.0.0.0/8)")
     port = _flag(args.port, "PORT", os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    host = str(_flag(args.host, "HOST", "0.0.0.0" if on_spaces else "127.0.0.1"))
+    rate_limit = int(_flag(args.rate_limit, "RATE_LIMIT", PUBLIC_RATE_LIMIT if is_public(host, on_spaces) else 0))
     max_upload_mb = float(_flag(args.max_upload_mb, "MAX_UPLOAD_MB", 20.0))
     return AppConfig(
         models=models,
         default_model=default_model,
         load=load,
         memory_budget_gb=float(budget) if budget is not None else None,
-        host=str(_flag(args.host, "HOST", "0.0.0.0" if on_spaces else "127.0.0.1")),
+        host=host,
         port=int(port),
         max_upload_mb=max_upload_mb,
         # one limit: gradio answers 413 above it, and load_image refuses the same size
         image_limits=ImageLimits(max_bytes=int(max_upload_mb * 1024 * 1024)),
-        rate_limit_per_minute=int(_flag(args.rate_limit, "RATE_LIMIT", 30)),
+        rate_limit_per_minute=rate_limit,
         queue_size=int(_flag(args.queue_size, "QUEUE_SIZE", 32)),
         auth=auth,
         limits=limits,

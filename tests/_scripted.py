@@ -26,6 +26,7 @@ from blip_app.errors import CancelledError, PromptTooLongError
 from blip_app.models.engine import ModelSpec, Prepared, Reply
 from blip_app.models.loading import Loader
 
+
 @dataclass(frozen=True)
 class ScriptedPrepared(Prepared):
     """The engine's Prepared, and the question it was prepared for (what a script answers)."""

@@ -62,9 +62,7 @@ def running_app(models: Sequence[str | os.PathLike[str]], *extra_flags: str,
     ``cache_dir`` replaces the Hugging Face cache the models are looked up in (see ``fake_hub_cache``).
     """
     flags = [flag for model in models for flag in ("--model", str(model))]
-    flags += ["--host", "127.0.0.1", "--offline", *extra_flags]
-    if "--rate-limit" not in extra_flags:
-        flags += ["--rate-limit", "0"]  # tests send many requests from one address
+    flags += ["--host", "127.0.0.1", "--offline", *extra_flags]  # loopback: no rate limit unless given
     with _pillow_globals_restored():
         yield from _serve(flags, cache_dir)
 

@@ -84,7 +84,7 @@ def test_two_models_side_by_side_show_two_columns_with_times(page, app: RunningA
     for index in range(2):
         meta = cards.nth(index).locator(".compare-meta").inner_text()
         assert re.search(r"\d+\.\d\d s", meta), meta
-        assert "Confidence:" in meta
+        assert "Image-text match:" in meta
         title = cards.nth(index).locator(".trust").get_attribute("title")
         assert "match probability" in title
     names = [cards.nth(i).locator(".compare-model").inner_text() for i in range(2)]

@@ -57,8 +57,10 @@ def test_models_lists_the_catalog():
     result = run("models")
     assert result.returncode == 0
     assert "blip2-opt-2.7b" in result.stdout and "instructblip-vicuna-13b" in result.stdout
+    assert "blip2-itm-vit-g" in result.stdout  # the matching model too, said to be one
     rows = [json.loads(line) for line in run("models", "--json").stdout.splitlines()]
-    assert len(rows) == 11 and {r["family"] for r in rows} == {"blip2", "instructblip"}
+    assert len(rows) == 12 and {r["family"] for r in rows} == {"blip2", "instructblip", "blip2-itm"}
+    assert rows[-1]["name"] == "blip2-itm-vit-g" and rows[-1]["language_model"] is None
 
 
 @pytest.mark.parametrize(
@@ -127,3 +129,63 @@ def test_trust_and_search_from_the_command_line(photos, tmp_path):
     assert found.returncode == 0, found.stderr
     scores = [float(line.split()[0]) for line in found.stdout.splitlines()]
     assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+
+
+def test_a_bad_file_among_several_gets_its_row_and_the_rest_go_on(tiny_checkpoints, photos, tmp_path):
+    result = run("caption", str(photos / "red.png"), str(photos / "corrupt.jpg"), str(photos / "blue.jpg"),
+                 "--model", str(tiny_checkpoints["blip2-opt"]), "--preset", "fast", "--max-new-tokens", "3",
+                 "--csv", str(tmp_path / "out.csv"))
+    assert result.returncode == 1  # one of three failed
+    assert [line.split(": ")[0] for line in result.stdout.splitlines()] == [str(photos / "red.png"),
+                                                                             str(photos / "blue.jpg")]
+    assert result.stderr.startswith(f"warning: {photos / 'corrupt.jpg'}: ") and "not a readable image" in result.stderr
+    assert result.stderr.strip().endswith("error: 1 of 3 images could not be captioned (see above)")
+    assert (tmp_path / "out.csv").read_text().count("corrupt.jpg") == 1  # its row, with the reason
+
+
+def test_search_over_a_folder_with_a_bad_file_goes_on(photos, tmp_path):
+    from blip_app.devtools.tiny import make_tiny_retrieval_checkpoint
+
+    matcher = str(make_tiny_retrieval_checkpoint(tmp_path / "itm"))
+    found = run("search", "a red square", str(photos), "--model", matcher)  # red, blue and corrupt.jpg
+    assert found.returncode == 0, found.stderr
+    assert sorted(Path(line.split()[1]).name for line in found.stdout.splitlines()) == ["blue.jpg", "red.png"]
+    assert found.stderr.startswith(f"warning: skipped {photos / 'corrupt.jpg'}: ")
+
+
+def test_top_level_help_lists_every_command():
+    from blip_app.__main__ import COMMANDS
+
+    result = run("--help")
+    assert result.returncode == 0 and result.stderr == ""
+    listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("    ") and line.split()]
+    assert set(COMMANDS) <= set(listed), listed
+
+
+def test_stderr_is_quiet_unless_verbose(tiny_checkpoints, photos):
+    """No progress bars ("Loading weights"), library warnings or torch notices: only blip_app's own lines."""
+    model = str(tiny_checkpoints["instructblip-flan-t5"])  # its tied-weights warning used to be printed
+    quiet = run("caption", str(photos / "red.png"), "--model", model, "--preset", "fast", "--max-new-tokens", "3")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    verbose = run("--verbose", "caption", str(photos / "red.png"), "--model", model, "--preset", "fast",
+                  "--max-new-tokens", "3")
+    assert verbose.returncode == 0 and verbose.stderr != ""
+
+
+def test_an_empty_answer_says_so(tiny_checkpoints, photos, monkeypatch, capsys):
+    from blip_app import __main__ as cli
+    from blip_app.models.engine import LoadedModel
+
+    monkeypatch.setattr(LoadedModel, "decode", lambda self, ids: "")
+    model = str(tiny_checkpoints["blip2-opt"])
+    assert cli.main(["ask", str(photos / "red.png"), "What is it?", "--model", model, "--preset", "fast",
+                     "--max-new-tokens", "2"]) == 0
+    printed = capsys.readouterr()
+    # (in this process transformers was imported before main() could quiet it: its bars may show)
+    assert printed.out == "\n" and printed.err.endswith("\nnote: the model gave an empty answer\n")
+    assert cli.main(["caption", str(photos / "red.png"), str(photos / "blue.jpg"), "--model", model, "--preset",
+                     "fast", "--max-new-tokens", "2"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.splitlines() == [f"{photos / 'red.png'}: ", f"{photos / 'blue.jpg'}: "]
+    notes = [line for line in printed.err.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: the model gave an empty answer for {photos / n}" for n in ("red.png", "blue.jpg")]

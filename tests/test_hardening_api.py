@@ -242,7 +242,8 @@ def test_markup_in_a_question_and_in_the_output_is_inert_in_the_chat_view(app: R
                                     lambda *a, **k: None, preset="fast", max_new_tokens=4))
     chatbot, state = views[-1][:2]
     assert state["turns"][-1] == [HOSTILE_MARKUP, HOSTILE_MARKUP]  # kept as typed / as generated
-    assert [m["content"] for m in chatbot] == [inert(HOSTILE_MARKUP)] * 2
+    signature = f"*— {inert(Path(models[0]).name)} · Fast*"  # who wrote the answer (the model, never its path)
+    assert [m["content"] for m in chatbot] == [inert(HOSTILE_MARKUP), f"{inert(HOSTILE_MARKUP)}\n\n{signature}"]
     live = re.compile(r"(?<!\\)[<>\[\]!()`]")  # markup characters not backslash-escaped
     for view in views:  # the streaming views too
         for message in view[0] if isinstance(view[0], list) else []:

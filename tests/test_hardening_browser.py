@@ -87,7 +87,8 @@ def test_hostile_model_output_is_shown_as_text(app: RunningApp, page, monkeypatc
     page.locator("#send").click()
     page.wait_for_function(
         """(text) => { const bots = document.querySelectorAll('#chatbot [data-testid=bot]');
-                       return bots.length === 1 && bots[0].innerText.trim() === text; }""", arg=HOSTILE)
+                       return bots.length === 1 && bots[0].innerText.trim().startsWith(text)
+                              && bots[0].innerText.includes('— '); }""", arg=HOSTILE)  # then who wrote it
     chatbot = page.locator("#chatbot")
     assert page.locator("#chatbot [data-testid=user]").first.inner_text().strip() == HOSTILE
     assert chatbot.locator("img").count() == 0 and chatbot.locator("script").count() == 0

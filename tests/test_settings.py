@@ -62,3 +62,8 @@ def test_unknown_task_and_preset():
 def test_server_caps_are_configurable():
     with pytest.raises(SettingsError, match="at most 64"):
         resolve_settings("chat", "standard", {"max_new_tokens": 65}, limits=Limits(max_new_tokens=64))
+
+
+def test_numbers_in_messages_have_thousands_separators():
+    with pytest.raises(SettingsError, match=r"^max_new_tokens is 100,000; this server allows at most 2,048\.$"):
+        resolve_settings("chat", "standard", {"max_new_tokens": 100_000}, limits=Limits(max_new_tokens=2048))

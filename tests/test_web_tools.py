@@ -240,10 +240,10 @@ def test_the_trust_line_shows_words_with_the_number_on_hover(extras, tiny_retrie
 
     line = extras.caption.score_caption(upload(EXAMPLES / "chelsea.jpg"), "a cat [stopped]")
     expected = trust_score(extras.service, tiny_retrieval, load_image(EXAMPLES / "chelsea.jpg"), "a cat")
-    assert f"Confidence: <strong>{expected.label}</strong>" in line
+    assert f"Image-text match: <strong>{expected.label}</strong>" in line
     assert f"probability {expected.score:.2f}" in line
     answer = extras.ask.score_answer(upload(EXAMPLES / "chelsea.jpg"), "What is it?", "a cat")
-    assert "Confidence:" in answer
+    assert "Image-text match:" in answer
     assert extras.caption.score_caption(upload(EXAMPLES / "chelsea.jpg"), "thinking…") == ""
     assert extras.caption.score_caption(None, "a cat") == ""
     hostile = Trust(0.9, "very likely", '"><img src=x onerror=alert(1)>')
@@ -261,7 +261,7 @@ def test_a_trust_model_that_cannot_load_leaves_a_quiet_note(models: list[str]) -
     config = parse_config(["--model", models[0], "--offline"])  # the default trust model: not in any cache
     extras = Tabs.create(Service(config.offered_models, config.load), config, RateLimiter(0))
     line = extras.caption.score_caption(upload(EXAMPLES / "chelsea.jpg"), "a cat")
-    assert "Confidence: not available" in line and "title=" in line
+    assert "Image-text match: not available" in line and "title=" in line
 
 
 def test_shown_reply_drops_the_marks_the_page_adds() -> None:
@@ -363,7 +363,8 @@ def test_export_then_import_continues_the_conversation(extras, models: list[str]
     record = upload(Path(json_button.value["path"]), name="chat.json")
     out = extras.chat.chat_import(record, {"image": digest, "turns": []}, models[0], None)
     chatbot, state, note, dropdown, status, pending = out[:6]
-    assert state == {"image": digest, "turns": chat["turns"]} and len(chatbot) == 4
+    # (the export recorded no author per turn: this chat was built by hand)
+    assert state == {"image": digest, "turns": chat["turns"], "meta": [{}, {}], "replaced": []} and len(chatbot) == 4
     assert dropdown.value == models[1] and "Loaded 2 turn(s)" in note and pending is None
     assert chatbot[3]["content"] == inert("tabby <b>brown</b>")
     assert all(button.interactive for button in out[6:9])
@@ -409,7 +410,7 @@ def test_compare_fills_each_column_as_its_model_finishes(extras, models: list[st
     for card, model in zip(final[:2], models):
         assert Path(model).name in card.value
         assert "compare-meta" in card.value and " s" in card.value
-        assert "Confidence:" in card.value and "match probability" in card.value
+        assert "Image-text match:" in card.value and "match probability" in card.value
     asked = list(extras.compare.run_compare(models, "answer", "What <i>is</i> it?", "fast",
                                     upload(EXAMPLES / "chelsea.jpg"), _Session()))[-1]
     assert all("compare-meta" in card.value for card in asked[:2])

@@ -14,11 +14,18 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from blip_app.config import DEFAULT_TRUST_MODEL
 from blip_app.core.devices import PRECISIONS, LoadOptions
 from blip_app.core.settings import SETTING_NAMES, Preset
 from blip_app.errors import BadInputError
 
 _PREVIEW = 6  # values shown per embedding without --json
+EMPTY_ANSWER = "note: the model gave an empty answer"
+
+
+def overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The generation settings given as flags (the others stay the preset's)."""
+    return {name: getattr(args, name) for name in SETTING_NAMES if getattr(args, name, None) is not None}
 
 
 def _options(args: argparse.Namespace) -> LoadOptions:
@@ -44,15 +51,13 @@ def _service(args: argparse.Namespace) -> tuple[Any, str]:
 
 def add_embed_parser(commands: Any) -> argparse.ArgumentParser:
     """Add ``embed IMAGE_OR_TEXT... [--model NAME] [--json]`` to a sub-command set."""
-    from blip_app.core.catalog import DEFAULT_RETRIEVAL_MODEL
-
     parser = commands.add_parser(
         "embed", help="print the features a model gives for images and texts",
         description="An argument naming an existing file is an image; any other argument is a text. "
                     "The image-text matching model gives its projected embeddings (the ones search uses); "
                     "a captioning model gives its vision, Q-Former and language-model features.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_TEXT")
-    parser.add_argument("--model", default=DEFAULT_RETRIEVAL_MODEL,
+    parser.add_argument("--model", default=DEFAULT_TRUST_MODEL,
                         help="image-text matching or captioning model (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line with the full vectors")
     parser.add_argument("--instruction", default="", help="InstructBLIP only: the text its Q-Former reads")
@@ -104,8 +109,6 @@ def cmd_embed(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def add_trust_parsers(commands: Any) -> None:
     """Add ``trust IMAGE TEXT`` and ``search QUERY IMAGE_FOLDER_OR_ZIP...`` to a sub-command set."""
-    from blip_app.core.catalog import DEFAULT_RETRIEVAL_MODEL
-
     for name, helptext in (("trust", "how well a text matches an image (the image-text matching score)"),
                            ("search", "rank images (files, folders, zips) by how well they match a sentence")):
         parser = commands.add_parser(name, help=helptext)
@@ -115,7 +118,7 @@ def add_trust_parsers(commands: Any) -> None:
         else:
             parser.add_argument("query", metavar="QUERY")
             parser.add_argument("images", nargs="+", metavar="IMAGE_FOLDER_OR_ZIP")
-        parser.add_argument("--model", default=DEFAULT_RETRIEVAL_MODEL,
+        parser.add_argument("--model", default=DEFAULT_TRUST_MODEL,
                             help="image-text matching model (default: %(default)s)")
         parser.add_argument("--json", action="store_true", help="print JSON")
         parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -148,15 +151,19 @@ def cmd_search(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     items = list(iter_images(args.images))
     images, names = [], []
+    from blip_app.errors import BadImageError
+
     for item in items:
         if item.load is None:
-            sys.stderr.write(f"skipped {item.name}: {item.note}\n")
+            sys.stderr.write(f"note: skipped {item.name}: {item.note}\n")
             continue
-        images.append(item.load())
+        try:
+            images.append(item.load())
+        except BadImageError as exc:  # one unreadable photo: named, and the search goes on without it
+            sys.stderr.write(f"warning: skipped {item.name}: {exc}\n")
+            continue
         names.append(item.name)
     if not images:
-        from blip_app.errors import BadImageError
-
         raise BadImageError("No readable image was given to search.")
     service, name = _service(args)
     hits = search(service, name, images, args.query, names=names)
@@ -178,16 +185,13 @@ def add_caption_batch_options(parser: argparse.ArgumentParser) -> None:
                         help="images in flight at once; those waiting are captioned together (default: 4)")
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {name: getattr(args, name) for name in SETTING_NAMES if getattr(args, name, None) is not None}
-
-
 def cmd_caption(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Caption images, folders (recursive) and zip archives; one line (or JSON object) per image.
 
-    Images named on the command line are decoded first: an unreadable one fails the command before any
-    model loads. Images found in folders and archives that fail are reported on stderr and in the
-    CSV / JSON Lines files, and the command goes on (exit status 1 at the end).
+    A single image that cannot be read fails the command before any model loads, as ``ask`` does. Among
+    several images (files, folders, archives) one that fails is reported on stderr and in the CSV /
+    JSON Lines files, and the command goes on (exit status 1 at the end). An empty caption is printed as
+    an empty line (one line per image) with a note on stderr.
     """
     from blip_app.tasks.batch import BatchItem, caption_many, iter_images
     from blip_app.tasks.exports import batch_to_csv, batch_to_jsonl
@@ -196,18 +200,16 @@ def cmd_caption(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
     if args.workers < 1:
         raise BadInputError(f"--workers must be at least 1, not {args.workers}.")
     items = list(iter_images(args.images))
-    named = {os.fspath(p) for p in args.images}
-    for index, item in enumerate(items):
-        if item.name in named and item.load is not None:
-            image = item.load()  # BadImageError: the command fails here, as for a single image
-            items[index] = BatchItem(item.name, lambda image=image: image)
+    if len(items) == 1 and items[0].load is not None and items[0].name == os.fspath(args.images[0]):
+        image = items[0].load()  # BadImageError: the command fails here, as for a single image
+        items[0] = BatchItem(items[0].name, lambda image=image: image)
     if not any(item.load is not None for item in items):
         raise BadInputError("No images were found in " + ", ".join(os.fspath(p) for p in args.images) + ".")
     service, name = _service(args)
     preset = Preset.DETAILED if args.detailed and args.preset == Preset.STANDARD.value else Preset(args.preset)
     results, failed = [], 0
     several = len(items) > 1
-    for result in caption_many(service, name, items, preset, _overrides(args), detailed=args.detailed,
+    for result in caption_many(service, name, items, preset, overrides(args), detailed=args.detailed,
                                workers=args.workers):
         result = _relabel(result, args.model)
         results.append(result)
@@ -219,6 +221,8 @@ def cmd_caption(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
                                  ensure_ascii=False) + "\n")
         else:
             out.write(f"{result.name}: {result.caption}\n" if several else f"{result.caption}\n")
+        if result.error is None and not (result.caption or "").strip():
+            err.write(f"{EMPTY_ANSWER}" + (f" for {result.name}\n" if several else "\n"))
         out.flush()
     if args.csv:
         _write(args.csv, batch_to_csv(results))

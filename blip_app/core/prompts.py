@@ -59,6 +59,7 @@ class PromptPlan:
     text: str  # the language model's prompt; the image tokens go before it
     kept_turns: int = 0
     dropped_turns: int = 0
+    notes: tuple[str, ...] = ()  # what the person should know about how the request was fitted
 
 
 # Control characters other than tab and newline are removed; everything else is kept as typed.

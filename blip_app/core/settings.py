@@ -235,14 +235,15 @@ def resolve_settings(
     settings = replace(settings, **changes)
     if settings.max_new_tokens > limits.max_new_tokens:
         raise SettingsError(
-            f"max_new_tokens is {settings.max_new_tokens}; this server allows at most {limits.max_new_tokens}."
+            f"max_new_tokens is {settings.max_new_tokens:,}; this server allows at most {limits.max_new_tokens:,}."
         )
     if settings.num_beams > limits.num_beams:
-        raise SettingsError(f"num_beams is {settings.num_beams}; this server allows at most {limits.num_beams}.")
+        raise SettingsError(f"num_beams is {settings.num_beams:,}; this server allows at most {limits.num_beams:,}.")
     if settings.min_new_tokens > settings.max_new_tokens:
         if "min_new_tokens" in changes:
             raise SettingsError(
-                f"min_new_tokens ({settings.min_new_tokens}) is larger than max_new_tokens ({settings.max_new_tokens})."
+                f"min_new_tokens ({settings.min_new_tokens:,}) is larger than max_new_tokens "
+                f"({settings.max_new_tokens:,})."
             )
         settings = replace(settings, min_new_tokens=settings.max_new_tokens)
     return settings

@@ -10,7 +10,12 @@ JSON export layout (``format`` "blip_app.conversation", ``version`` 1)::
      "card": {"model", "source", "revision", "precision", "device", "seed", "settings": {...every
               generation setting...}, "image_sha256", "versions": {"blip_app", "transformers", "torch"},
               "created"},
-     "turns": [{"question": "...", "answer": "...", "trust": 0.91 or null}, ...]}
+     "turns": [{"question": "...", "answer": "...", "trust": 0.91 or null,
+                "model": "...", "preset": "...", "settings": {...}}, ...]}
+
+The card describes the conversation as it stands (the model and settings its next answer would use); each
+turn records the model, preset and settings that wrote its answer (a conversation may switch models), when
+the page knew them.
 
 The image itself is never exported: its SHA-256 (:func:`images.image_digest` of the decoded picture)
 lets the importer check that the same picture is uploaded before the conversation continues.
@@ -162,22 +167,33 @@ def _history(history: Sequence[Turn | Sequence[str]]) -> list[tuple[str, str]]:
 # Export.
 
 
+TURN_META = ("model", "label", "preset", "settings")  # what a turn records about the answer's author
+
+
 def conversation_to_dict(history: Sequence[Turn | Sequence[str]], card: Mapping[str, Any],
-                         trust: Sequence[float | None] | None = None) -> dict[str, Any]:
-    """The JSON export as plain data. ``trust`` gives each answer's match probability (or None)."""
+                         trust: Sequence[float | None] | None = None,
+                         meta: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON export as plain data. ``trust`` gives each answer's match probability (or None); ``meta``
+    each answer's model, label, preset and settings (empty where unknown)."""
     pairs = _history(history)
     scores = list(trust or [None] * len(pairs))
     if len(scores) != len(pairs):
         raise ValueError(f"{len(scores)} trust scores for {len(pairs)} turns")
-    turns = [{"question": q, "answer": a, "trust": None if s is None else round(float(s), 4)}
-             for (q, a), s in zip(pairs, scores)]
+    infos = list(meta or [])
+    infos += [{}] * (len(pairs) - len(infos))
+    turns = []
+    for (q, a), s, info in zip(pairs, scores, infos):
+        turn = {"question": q, "answer": a, "trust": None if s is None else round(float(s), 4)}
+        turn.update({key: info[key] for key in TURN_META if info.get(key) not in (None, "", {})})
+        turns.append(turn)
     return {"format": FORMAT, "version": VERSION, "card": dict(card), "turns": turns}
 
 
 def conversation_to_json(history: Sequence[Turn | Sequence[str]], card: Mapping[str, Any],
-                         trust: Sequence[float | None] | None = None) -> str:
+                         trust: Sequence[float | None] | None = None,
+                         meta: Sequence[Mapping[str, Any]] | None = None) -> str:
     """The conversation and its card as indented JSON (UTF-8 text, loadable by :func:`conversation_from_json`)."""
-    return json.dumps(conversation_to_dict(history, card, trust), ensure_ascii=False, indent=2) + "\n"
+    return json.dumps(conversation_to_dict(history, card, trust, meta), ensure_ascii=False, indent=2) + "\n"
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|!~])")
@@ -191,11 +207,13 @@ def _md(text: Any) -> str:
 
 
 def conversation_to_markdown(history: Sequence[Turn | Sequence[str]], card: Mapping[str, Any],
-                             trust: Sequence[float | None] | None = None) -> str:
-    """The conversation as Markdown: the card as a table, the settings as JSON, then the turns."""
+                             trust: Sequence[float | None] | None = None,
+                             meta: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The conversation as Markdown: the card as a table, the settings as JSON, then the turns, each answer
+    under the model that wrote it (with its preset and settings when they differ from the card's)."""
     from blip_app.models.retrieval import confidence_label  # imported here: retrieval imports torch
 
-    data = conversation_to_dict(history, card, trust)
+    data = conversation_to_dict(history, card, trust, meta)
     card = data["card"]
     versions = card.get("versions") or {}
     rows = [
@@ -211,13 +229,18 @@ def conversation_to_markdown(history: Sequence[Turn | Sequence[str]], card: Mapp
     lines += [f"| {name} | {_md(value)} |" for name, value in rows]
     settings = json.dumps(card.get("settings") or {}, indent=2)
     lines += ["", "Generation settings:", "", "```json", settings, "```", "", "## Conversation", ""]
-    speaker = _md(card.get("model") or "model")
     for turn in data["turns"]:
         lines += [f"**You:** {_md(turn['question'])}", ""]
         note = ""
         if turn["trust"] is not None:
             note = f" _(image match: {confidence_label(turn['trust'])}, {turn['trust']:.2f})_"
+        speaker = _md(turn.get("label") or turn.get("model") or card.get("model") or "model")
         lines += [f"**{speaker}:** {_md(turn['answer'])}{note}", ""]
+        how = [f"preset {turn['preset']}"] if turn.get("preset") else []
+        if turn.get("settings") and turn["settings"] != card.get("settings"):
+            how.append("settings " + ", ".join(f"{k}={v}" for k, v in turn["settings"].items() if v is not None))
+        if how:
+            lines += [f"_{_md('; '.join(how))}_", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -252,6 +275,7 @@ class ImportedConversation:
     image_sha256: str | None
     trust: tuple[float | None, ...]
     card: dict[str, Any]
+    meta: tuple[dict[str, Any], ...] = ()  # per turn: the model, label, preset and settings that wrote it
 
     @property
     def turns(self) -> tuple[Turn, ...]:
@@ -319,7 +343,7 @@ def conversation_from_json(data: str | bytes | Path | Any, *, max_bytes: int = M
         raise _refuse("it has no list of turns.")
     if len(turns) > max_turns:
         raise _refuse(f"it has {len(turns):,} turns; at most {max_turns:,} can be loaded.")
-    history, trust = [], []
+    history, trust, meta = [], [], []
     for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
             raise _refuse(f"turn {number} is not an object with a question and an answer.")
@@ -334,7 +358,23 @@ def conversation_from_json(data: str | bytes | Path | Any, *, max_bytes: int = M
             raise _refuse(f"the trust score of turn {number} is not a probability between 0 and 1.")
         history.append((question, answer))
         trust.append(None if score is None else float(score))
-    return ImportedConversation(tuple(history), model.strip(), settings, digest, tuple(trust), card)
+        meta.append(_turn_meta(turn, number))
+    return ImportedConversation(tuple(history), model.strip(), settings, digest, tuple(trust), card, tuple(meta))
+
+
+def _turn_meta(turn: Mapping[str, Any], number: int) -> dict[str, Any]:
+    """Who wrote a turn's answer, as the export recorded it (checked like the card's model and settings)."""
+    info: dict[str, Any] = {}
+    for key in ("model", "label", "preset"):
+        value = turn.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or len(value) > 500:
+            raise _refuse(f"the {key} of turn {number} is not a name.")
+        info[key] = value
+    if turn.get("settings") is not None:
+        info["settings"] = _imported_settings(turn.get("settings"))
+    return info
 
 
 def _reject_constant(name: str) -> Any:

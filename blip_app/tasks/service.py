@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import importlib
+import logging
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +24,7 @@ from PIL import Image
 from blip_app.core.devices import LoadOptions
 from blip_app.core.prompts import Turn, clean_text
 from blip_app.core.settings import Limits, Preset, Task, resolve_settings
-from blip_app.errors import BadImageError, BadInputError
+from blip_app.errors import BadImageError, BadInputError, PromptTooLongError
 from blip_app.models.kinds import Captioner
 from blip_app.models.loading import Loader
 from blip_app.models.manager import ModelManager, ModelState
@@ -33,6 +36,41 @@ MAX_HISTORY_TURNS = 500
 ANSWER_CHARS_FACTOR = 4
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+log = logging.getLogger(__name__)
+
+# What the first request would import (torch, transformers and the classes from_pretrained resolves lazily).
+HEAVY_MODULES = ("blip_app.models.retrieval", "blip_app.models.engine")
+HEAVY_CLASSES = ("Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration", "Blip2ForImageTextRetrieval",
+                 "Blip2Processor", "InstructBlipProcessor", "BlipImageProcessor", "GPT2Tokenizer", "T5Tokenizer",
+                 "LlamaTokenizer", "BertTokenizer")
+
+
+def import_models_in_background() -> threading.Thread:
+    """Import torch, transformers and the model classes in a daemon thread, started now; returns the thread.
+
+    The app imports them only when a model is first used, so that starting it and building the page stay
+    quick; without this the first request would also pay for the imports (seconds on a CPU host). A
+    request arriving meanwhile waits only for what is still being imported (Python's per-module import
+    locks). A failure is logged; the request that needs the module then reports it.
+    """
+    def work() -> None:
+        log.info("Importing torch and transformers in the background")
+        started = time.monotonic()
+        try:
+            for name in HEAVY_MODULES:
+                importlib.import_module(name)
+            transformers = importlib.import_module("transformers")
+            for name in HEAVY_CLASSES:
+                getattr(transformers, name, None)  # transformers imports its model modules on first access
+        except Exception:  # noqa: BLE001 - never fatal here
+            log.exception("Importing the model libraries in the background failed")
+            return
+        log.info("Imported torch and transformers in the background in %.1f s", time.monotonic() - started)
+
+    thread = threading.Thread(target=work, name="import-models", daemon=True)
+    thread.start()
+    return thread
 
 
 def clean_message(text: Any, *, what: str, max_chars: int, allow_empty: bool = False) -> str:
@@ -59,7 +97,7 @@ def clean_turn(question: Any, answer: Any, *, max_chars: int, number: int | None
                               allow_empty=True))
 
 # The cancel event of the request this thread is serving, for callers that cannot pass one down (the
-# API functions, whose client may cancel or go away: see ui._stops_when_abandoned).
+# API functions, whose client may cancel or go away: see web/api.py, _stops_when_abandoned).
 _REQUEST_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
     "blip_app_request_cancel", default=None)
 
@@ -158,15 +196,50 @@ class Service:
             raise BadInputError(f"{loaded.name} is an image-text matching model: it gives trust scores and "
                                 "search, not captions or answers. Choose a captioning model.")
         settings = self.settings_for(loaded, request)
-        prepared = loaded.prepare(request.task, question=request.question, history=request.history,
-                                  short=request.short, detailed=request.detailed,
-                                  max_new_tokens=settings.max_new_tokens, preset=request.preset,
-                                  overrides=request.overrides)
+        try:
+            prepared = self._prompt(loaded, request, settings.max_new_tokens)
+        except PromptTooLongError:
+            if not loaded.spec.decoder_only:  # Flan-T5: the answer takes no room in the encoder's context
+                raise
+            prepared, settings = self._fit_answer(loaded, request, settings)
         if request.older_turns:
             plan = prepared.prompt
             prepared = dataclasses.replace(prepared, prompt=dataclasses.replace(
                 plan, dropped_turns=plan.dropped_turns + request.older_turns))
         return prepared, settings
+
+    @staticmethod
+    def _prompt(loaded: Any, request: Request, max_new_tokens: int, *, history: bool = True):
+        return loaded.prepare(request.task, question=request.question, history=request.history if history else (),
+                              short=request.short, detailed=request.detailed, max_new_tokens=max_new_tokens,
+                              preset=request.preset, overrides=request.overrides)
+
+    def _fit_answer(self, loaded: Any, request: Request, settings: Any):
+        """The prompt and settings with max_new_tokens lowered to what the context leaves, and a note saying so.
+
+        A decoder-only language model's context holds the image tokens, the prompt and the answer; a preset
+        asks for the same number of new tokens on every model (Detailed: 256), which a small context
+        cannot hold. The answer then gets what is left after the image and the newest message alone (older
+        chat turns are dropped first, as always); if not even one token is left, the prompt is too long.
+        """
+        spec = loaded.spec
+        room = loaded.text_budget(0)  # prompt and answer tokens beside the image
+        try:
+            left = room - self._prompt(loaded, request, 0, history=False).prompt_tokens
+        except PromptTooLongError:
+            left = 0
+        if left < 1 or left >= settings.max_new_tokens:
+            what = {Task.CAPTION: "caption prompt", Task.ANSWER: "question"}.get(request.task, "message")
+            raise PromptTooLongError(
+                f"The {what} is too long for this model: beside the image ({spec.num_query_tokens:,} tokens), its "
+                f"context of {spec.context_tokens:,} tokens holds at most {max(room - 1, 1):,} tokens of text and a "
+                "one-token answer. Please shorten it.")
+        fitted = dataclasses.replace(settings, max_new_tokens=left, min_new_tokens=min(settings.min_new_tokens, left))
+        prepared = self._prompt(loaded, request, left)
+        note = (f"Max new tokens lowered from {settings.max_new_tokens:,} to {left:,}: that is what this model's "
+                f"context of {spec.context_tokens:,} tokens leaves after the image and the prompt.")
+        plan = prepared.prompt
+        return dataclasses.replace(prepared, prompt=dataclasses.replace(plan, notes=(*plan.notes, note))), fitted
 
     def run(self, model: str, image: Image.Image, request: Request, *,
             cancel: threading.Event | None = None):

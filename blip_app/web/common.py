@@ -20,6 +20,7 @@ Nothing here imports another page module; the widgets (web/widgets.py) and every
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import logging
 import os
@@ -303,7 +304,7 @@ def describe_settings(settings: Any) -> str:
         how = f"beam search ({settings.num_beams} beams)"
     else:
         how = "greedy"
-    return f"{how}, up to {settings.max_new_tokens} new tokens"
+    return f"{how}, up to {settings.max_new_tokens:,} new tokens"
 
 
 def prompt_stats(prepared: Any, reply: Any = None) -> str:
@@ -317,8 +318,9 @@ def prompt_stats(prepared: Any, reply: Any = None) -> str:
         lines.append(f"{plan.dropped_turns} oldest turn(s) left out to fit; {plan.kept_turns} kept.")
     if prepared.qformer_text is not None:
         lines.append(f"Instruction read by the Q-Former: {inert(prepared.qformer_text) or '(none)'}")
+    lines += [inert(note) for note in plan.notes]
     if reply is not None:
-        lines.append(f"Answer: {reply.new_tokens} new tokens in {reply.seconds:.2f} s, "
+        lines.append(f"Answer: {reply.new_tokens:,} new tokens in {reply.seconds:.2f} s, "
                      f"{describe_settings(reply.settings)}.")
     return "\n\n".join(lines)
 
@@ -344,8 +346,26 @@ def is_matching_model(service: Service, name: str) -> bool:
 
 
 def captioning_states(service: Service) -> list[ModelState]:
-    """The offered models that caption and answer (the picker, /models, Compare): the matching model is left out."""
-    return [state for state in service.models() if not is_matching_model(service, state.name)]
+    """The offered models that caption and answer (the picker, /models, Compare): the matching model is left out.
+
+    A checkpoint folder is named by its folder (with its parent when two share a name), never by its
+    path on the server: people see the label, detail and description, and the path told them nothing.
+    """
+    states = [state for state in service.models() if not is_matching_model(service, state.name)]
+    folders = {state.name: Path(service.manager.ref(state.name).source) for state in states
+               if service.manager.ref(state.name).is_local}
+    names = [folder.name for folder in folders.values()]
+    shown = []
+    for state in states:
+        folder = folders.get(state.name)
+        if folder is not None:
+            label = folder.name if names.count(folder.name) == 1 else f"{folder.parent.name}/{folder.name}"
+            detail = "local folder" if state.state == "folder" else state.detail.replace(str(folder), label)
+            description = f"A checkpoint in the folder {label}." if state.description.startswith("checkpoint at ") \
+                else state.description.replace(str(folder), label)
+            state = dataclasses.replace(state, label=label, detail=detail, description=description)
+        shown.append(state)
+    return shown
 
 
 def model_choices(states: Sequence[ModelState]) -> list[tuple[str, str]]:

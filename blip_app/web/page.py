@@ -14,7 +14,7 @@ import spaces
 from blip_app.config import AppConfig
 from blip_app.tasks.service import Service
 from blip_app.web.api import add_api
-from blip_app.web.common import DECODE, LIGHT, PRIVATE, captioning_states, model_choices, model_status
+from blip_app.web.common import DECODE, LIGHT, PRIVATE
 from blip_app.web.ratelimit import RateLimiter
 from blip_app.web.tabs.ask import AskTab
 from blip_app.web.tabs.batch import BatchTab
@@ -66,9 +66,10 @@ class Tabs:
 
     @classmethod
     def create(cls, service: Service, config: AppConfig, limiter: RateLimiter) -> "Tabs":
-        """Every tab's handlers on ``service``, counted by ``limiter``."""
-        return cls(*(kind(service, config, limiter) for kind in (Picker, ChatTab, CaptionTab, AskTab, CompareTab,
-                                                                  SearchTab, BatchTab)))
+        """Every tab's handlers on ``service``, counted by ``limiter``, sharing what they learn of unusable models."""
+        problems: dict[str, str] = {}
+        return cls(*(kind(service, config, limiter, problems=problems)
+                     for kind in (Picker, ChatTab, CaptionTab, AskTab, CompareTab, SearchTab, BatchTab)))
 
 
 def _examples(image: Any, message: Any, question: Any) -> None:
@@ -77,7 +78,12 @@ def _examples(image: Any, message: Any, question: Any) -> None:
         return
     gr.Examples(examples=[[str(EXAMPLES_DIR / e.file), e.opener, e.question] for e in EXAMPLES],
                 inputs=[image, message, question], visible_columns=[0], label="Examples: click one to load it",
-                examples_per_page=len(EXAMPLES), cache_examples=False, api_visibility="private")
+                examples_per_page=len(EXAMPLES), cache_examples=False, api_visibility="private", elem_id="examples")
+
+
+# Tabs that work on the shared picture (the image panel shows beside them); Search and Batch take files of
+# their own, and the panel they would ignore is hidden while they are open.
+PICTURE_TABS = ("chat", "caption", "ask", "compare")
 
 
 def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
@@ -85,44 +91,49 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
     limiter = RateLimiter(config.rate_limit_per_minute)
     tabs = Tabs.create(service, config, limiter)
     picker, chat = tabs.picker, tabs.chat
-    states = captioning_states(service)
+    choices, shown, status_text = picker.view(config.default_model)  # an unusable default is replaced at once
     ages = config.delete_uploads_after_s
     with gr.Blocks(title=f"{TITLE} · BLIP-2 and InstructBLIP", analytics_enabled=False, fill_width=True,
                    delete_cache=(min(ages, 600), ages) if ages > 0 else None) as demo:
         add_api(service, config, limiter)  # first: the API owns its names
         gr.Markdown(f"# {TITLE}\n{TAGLINE}", elem_id="header")
-        with gr.Row(equal_height=True):
-            model = gr.Dropdown(model_choices(states), value=config.default_model, label="Model", scale=2,
-                                min_width=280, interactive=True, filterable=False, elem_id="model")
-            status = gr.Markdown(model_status(states, config.default_model), elem_id="model-status")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=4, min_width=300) as left:
+        with gr.Row(equal_height=True, elem_id="picker-row"):
+            model = gr.Dropdown(choices, value=shown, label="Model", scale=2, min_width=280, interactive=True,
+                                filterable=False, elem_id="model")
+            status = gr.Markdown(status_text, elem_id="model-status")
+        with gr.Row(equal_height=False, elem_id="main-row"):
+            with gr.Column(scale=4, min_width=300, elem_id="image-column") as left:
                 image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
                                  height=400, placeholder="# Upload an image to start\ndrop it here, paste it, "
                                                          "or pick an example below", buttons=["fullscreen"],
                                  elem_id="image")
-            with gr.Column(scale=6, min_width=360):
-                with gr.Tabs():
-                    with gr.Tab("Chat", id="chat"):
+            with gr.Column(scale=6, min_width=360, elem_id="tabs-column"):
+                # wrap: on a phone every tab keeps its name on a second row instead of hiding behind "…"
+                with gr.Tabs(overflow_behavior="wrap", elem_id="tabs"):
+                    opened = {}
+                    with gr.Tab("Chat", id="chat") as opened["chat"]:
                         chatting = chat.build(image, model, status)
-                    with gr.Tab("Caption", id="caption"):
+                    with gr.Tab("Caption", id="caption") as opened["caption"]:
                         captioned = tabs.caption.build(image, model, status)
-                    with gr.Tab("Ask", id="ask"):
+                    with gr.Tab("Ask", id="ask") as opened["ask"]:
                         asking = tabs.ask.build(image, model, status)
-                    with gr.Tab("Compare", id="compare"):
+                    with gr.Tab("Compare", id="compare") as opened["compare"]:
                         tabs.compare.build(image)
                     if config.trust_model:
-                        with gr.Tab("Search", id="search"):
+                        with gr.Tab("Search", id="search") as opened["search"]:
                             tabs.search.build()
-                    with gr.Tab("Batch", id="batch"):
+                    with gr.Tab("Batch", id="batch") as opened["batch"]:
                         tabs.batch.build(model)
         with left:
             _examples(image, chatting["message"], asking["question"])
+        for name, tab in opened.items():
+            tab.select(lambda shows=name in PICTURE_TABS: gr.Column(visible=shows), None, left, **LIGHT)
         changed = image.change(chat.on_image, [image, chatting["state"]],
                                [image, chatting["state"], chatting["chatbot"], chatting["note"],
                                 *chatting["history_buttons"]], preprocess=False, **DECODE)
         chat.after_new_image(changed)  # a loaded conversation goes on once its picture is back
-        model.select(spaces.GPU(picker.load_model), model, [model, status], show_progress_on=[status], **PRIVATE)
+        # The status line says how far a load is, as text: no progress overlay is drawn over it.
+        model.select(spaces.GPU(picker.load_model), model, [model, status], show_progress="hidden", **PRIVATE)
         demo.load(picker.refresh_models, model, [model, status], **LIGHT)
         for event in [*chatting["events"], captioned, asking["event"]]:
             event.then(picker.refresh_models, model, [model, status], **LIGHT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -14,7 +15,8 @@ TOO_QUICK = "You are sending requests too quickly; please wait {wait:.0f} s and 
 class RateLimiter:
     """Allows ``per_minute`` requests a minute per client, in bursts of up to ``burst``.
 
-    ``message`` is the refusal's sentence; ``{wait}`` is replaced by the seconds to wait.
+    ``message`` is the refusal's sentence; ``{wait}`` is replaced by the seconds to wait, rounded up (a
+    wait of 0.2 s reads "1 s", never "0 s").
     """
 
     def __init__(self, per_minute: int, *, burst: int | None = None, max_clients: int = 10_000,
@@ -38,7 +40,7 @@ class RateLimiter:
             if tokens < 1.0:
                 self._buckets[key] = (tokens, now)
                 wait = (1.0 - tokens) / self.rate
-                raise RateLimitedError(self.message.format(wait=max(1.0, wait)))
+                raise RateLimitedError(self.message.format(wait=max(1, math.ceil(wait))))
             self._buckets[key] = (tokens - 1.0, now)
             while len(self._buckets) > self.max_clients:
                 self._buckets.popitem(last=False)

@@ -17,6 +17,7 @@ single-process server (:func:`launch`, called by app.py) and a Ray Serve ingress
 
 import contextlib
 import logging
+import math
 import os
 import re
 import threading
@@ -133,7 +134,7 @@ class _Guard:
         key = _peer_key(scope)
         delay = self.logins.begin(key)
         if delay is None:
-            wait = max(1.0, self.logins.wait_s(key))
+            wait = max(1, math.ceil(self.logins.wait_s(key)))
             log.warning("Refused a login from %s: too many failures", key)
             await _send_json(send, 429, {"detail": f"Too many failed logins from this address: please wait "
                                                    f"{wait:.0f} s before trying again."})

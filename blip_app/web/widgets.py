@@ -9,8 +9,11 @@ gradio finds the ``gr.Request`` and ``gr.Progress`` parameters of handlers by th
 at run time, so the page's modules with handlers do not use ``from __future__ import annotations``.
 """
 
+import contextvars
 import html
 import logging
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +23,7 @@ import spaces
 
 from blip_app.config import AppConfig
 from blip_app.core.settings import PRESET_HELP, Limits, Preset, Task, preset_settings
-from blip_app.errors import BlipAppError, CancelledError, user_message
+from blip_app.errors import BlipAppError, CancelledError, ModelLoadError, UnsupportedCheckpointError, user_message
 from blip_app.tasks.service import Request, Service
 from blip_app.web.common import (
     CURSOR,
@@ -34,11 +37,13 @@ from blip_app.web.common import (
     captioning_states,
     client_key,
     decode_upload,
+    inert,
     loads_limiter,
     model_choices,
     model_status,
     notify,
     prompt_stats,
+    reply_note,
     session_id,
     split_settings,
 )
@@ -59,6 +64,27 @@ CSS = """
 #header p { margin-top: 0; color: var(--body-text-color-subdued); }
 #model-status p { margin: 0.35em 0; }
 .note p { font-size: var(--text-sm); color: var(--body-text-color-subdued); margin: 0.2em 0; }
+/* Toasts appear at the bottom, never over the model's status line at the top. */
+.toast-wrap { top: auto !important; bottom: var(--size-4) !important; }
+/* The file lists of Search and Batch grow with their files (gradio's fixed height showed two rows). */
+#batch-files, #search-files { height: auto !important; min-height: 150px; }
+#batch-files .file-preview-holder, #search-files .file-preview-holder { max-height: 320px; overflow-y: auto; }
+@media (max-width: 720px) {
+  /* A phone: a short header, the status under the picker, then the picture, the tabs, and the examples. */
+  .gradio-container { padding: 0 8px !important; }
+  #header h1 { font-size: 1.35rem; margin: 0.2em 0 0; }
+  #header p { font-size: var(--text-sm); line-height: 1.3; }
+  #picker-row { flex-direction: column; gap: 4px; }
+  #picker-row > * { width: 100% !important; min-width: 0 !important; flex: none !important; }
+  #model-status { font-size: var(--text-sm); }
+  #main-row { flex-direction: column; }
+  #image-column { display: contents; }
+  #image { order: 1; height: 240px !important; }
+  #tabs-column { order: 2; width: 100% !important; min-width: 0 !important; }
+  #examples { order: 3; }
+  #chatbot { height: 340px !important; }
+  #tabs button[role=tab] { padding: 6px 10px; }
+}
 """
 
 TRUST_CSS = """
@@ -177,15 +203,18 @@ def style_to_preset(style: Any, preset: Any) -> None:
 
 
 def trust_span(label: str, hover: str) -> str:
-    """"Confidence: <label>" with ``hover`` as its title (both escaped)."""
+    """The words "Image-text match: <label>" with ``hover`` as its title (both escaped)."""
     label = str(label)
     title = f"{hover}. How well the text describes the picture, not whether it is right."
     return (f'<span class="trust trust-{html.escape(label.replace(" ", "-"))}" title="{html.escape(title)}">'
-            f"Confidence: <strong>{html.escape(label)}</strong></span>")
+            f"Image-text match: <strong>{html.escape(label)}</strong></span>")
 
 
 def trust_html(trust: Any = None, *, note: str | None = None) -> str:
-    """The trust line: "Confidence: likely", with the match probability in the hover title; or why there is none.
+    """The trust line: "Image-text match: likely" (the match probability in the hover title), or why there is none.
+
+    It names what is measured: how well the text matches the picture, which readers took for the answer's
+    correctness when it said "Confidence".
 
     ``trust`` is a retrieval.Trust. Everything in the line is escaped: the model name may be a folder path.
     """
@@ -193,7 +222,7 @@ def trust_html(trust: Any = None, *, note: str | None = None) -> str:
         if not note:
             return ""
         return (f'<div class="trust-line"><span class="trust trust-none" title="{html.escape(note)}">'
-                "Confidence: not available</span></div>")
+                "Image-text match: not available</span></div>")
     return f'<div class="trust-line">{trust_span(trust.label, trust.hover)}</div>'
 
 
@@ -221,9 +250,12 @@ class Tab:
     Handlers take and return plain values; each catches everything it runs (common.notify).
     """
 
-    def __init__(self, service: Service, config: AppConfig, limiter: RateLimiter) -> None:
+    def __init__(self, service: Service, config: AppConfig, limiter: RateLimiter, *,
+                 problems: dict[str, str] | None = None) -> None:
         self.service = service
         self.config = config
+        # Models that could not be loaded, with the reason: shared by the page's tabs, shown by the picker.
+        self.problems: dict[str, str] = problems if problems is not None else {}
         self.image_limits = config.image_limits
         self.limits: Limits = service.limits
         self.limiter = limiter
@@ -234,6 +266,15 @@ class Tab:
     def picture(self, value: Any) -> Any:
         """The uploaded image, decoded by blip_app.core.images.load_image (raises BadImageError)."""
         return decode_upload(value, self.image_limits)
+
+    def unusable(self, model: str, exc: BaseException) -> None:
+        """Remember that ``model`` cannot be loaded (offline and not cached, gated, missing, out of memory)."""
+        if isinstance(exc, (ModelLoadError, UnsupportedCheckpointError)):
+            self.problems[model] = str(exc)
+
+    def _label(self, model: str) -> str:
+        """How ``model`` is named to people (a folder by its name, never by its path on the server)."""
+        return next((state.label for state in captioning_states(self.service) if state.name == model), model)
 
     def stop(self, request: gr.Request, task: Any) -> None:
         """Event: stop this session's running work in ``task`` at its next token."""
@@ -270,18 +311,52 @@ class Tab:
         return prepared.prompt.text or EMPTY_PROMPT, prompt_stats(prepared)
 
 
+OFFLINE_REASON = ("it is not downloaded, and this server runs offline (--offline or HF_HUB_OFFLINE=1), so it "
+                  "cannot be downloaded")
+
+
 class Picker(Tab):
-    """The model picker's handlers: every model's state, and loading the one just chosen."""
+    """The model picker: every model's state, models that cannot be used marked so with their reason (the
+    page falls back to one that works), and loading the model just chosen with its progress as text."""
 
     def __init__(self, service: Service, config: AppConfig, limiter: RateLimiter,
-                 load_limiter: RateLimiter | None = None) -> None:
-        super().__init__(service, config, limiter)
+                 load_limiter: RateLimiter | None = None, *, problems: dict[str, str] | None = None) -> None:
+        super().__init__(service, config, limiter, problems=problems)
         self.load_limiter = load_limiter or loads_limiter(limiter)
 
-    def models_view(self, model: str) -> tuple[Any, str]:
-        """The model picker's choices and the chosen model's status line."""
+    def reasons(self, states: Sequence[Any]) -> dict[str, str]:
+        """Why each model that cannot be used now cannot: a failed load, or offline and not downloaded."""
+        reasons = {}
+        for state in states:
+            if state.state == "loaded":
+                self.problems.pop(state.name, None)  # it loads after all (a file was added, memory freed)
+            elif state.name in self.problems:
+                reasons[state.name] = self.problems[state.name]
+            elif state.state == "download" and self.config.load.local_files_only:
+                reasons[state.name] = OFFLINE_REASON
+        return reasons
+
+    def view(self, model: str) -> tuple[list[tuple[str, str]], str, str]:
+        """The picker's choices, the model it shows (``model``, or one that works instead) and the status line."""
         states = captioning_states(self.service)
-        return gr.Dropdown(choices=model_choices(states)), model_status(states, model)
+        reasons = self.reasons(states)
+        choices = [(label + (" · unavailable" if name in reasons else ""), name)
+                   for (label, name) in model_choices(states)]
+        if model not in reasons:
+            return choices, model, model_status(states, model)
+        usable = [s for s in states if s.name not in reasons]
+        fallback = next((s for s in usable if s.state == "loaded"), usable[0] if usable else None)
+        label = next((s.label for s in states if s.name == model), model)
+        why = f"**Unavailable**: {inert(label)} cannot be used: {inert(reasons[model])}"
+        if fallback is None:
+            return choices, model, why + "\n\nNo offered model can be used right now."
+        return choices, fallback.name, (f"{model_status(states, fallback.name)}\n\n{why} "
+                                        f"{inert(fallback.label)} is used instead.")
+
+    def models_view(self, model: str) -> tuple[Any, str]:
+        """The model picker (choices, and the model shown) and the status line."""
+        choices, shown, status = self.view(model)
+        return gr.Dropdown(choices=choices, value=shown), status
 
     def refresh_models(self, model: str) -> tuple[Any, str]:
         """Event: show every model's current state (page load, after each request)."""
@@ -292,28 +367,82 @@ class Picker(Tab):
             return gr.skip(), gr.skip()
 
     def load_model(self, model: str, request: gr.Request,
-                   progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple[Any, str]:
-        """Event: load the model just chosen, with a progress bar while it downloads and loads.
+                   progress: gr.Progress = gr.Progress(track_tqdm=True)) -> Iterator[tuple[Any, str]]:
+        """Event: load the model just chosen; the status line says how far the download and loading are.
 
         Counted by the rate limit, and a model not already loaded also by the stricter one for loads (a
-        load at real size reads gigabytes and may evict another user's model).
+        load at real size reads gigabytes and may evict another user's model). A model that cannot be
+        loaded is marked unavailable with its reason, in place, and the picker falls back to one that works.
         """
         try:
             self.limiter.check(client_key(request))
             if model not in self.service.manager.loaded_names():
                 self.load_limiter.check(client_key(request))
-            progress(0, desc=f"Loading {model}…")
-            self.service.load(model)
         except Exception as exc:  # noqa: BLE001
             notify(exc)
-        return self.refresh_models(model)
+            yield self.refresh_models(model)
+            return
+        if model in self.reasons(captioning_states(self.service)):
+            yield self.refresh_models(model)  # known not to work (offline, or failed before): the fallback
+            return
+        failure: list[BaseException] = []
+        done = threading.Event()
+
+        def load() -> None:
+            try:
+                self.service.load(model)
+            except BaseException as exc:  # noqa: BLE001 - reported below, in the status line
+                failure.append(exc)
+            finally:
+                done.set()
+
+        # The copied context lets gradio's tqdm tracking see the download's and the loader's progress bars.
+        threading.Thread(target=contextvars.copy_context().run, args=(load,), name="load-model", daemon=True).start()
+        started = time.monotonic()
+        label = self._label(model)
+        while not done.wait(0.4):
+            yield gr.skip(), loading_status(label, getattr(progress, "iterables", []), time.monotonic() - started)
+        if failure:
+            if isinstance(failure[0], (ModelLoadError, UnsupportedCheckpointError)):
+                self.unusable(model, failure[0])
+                log.info("Could not load %s: %s", model, failure[0])
+            else:
+                notify(failure[0])
+        yield self.refresh_models(model)
 
 
-def _single_view(output: Any = None, *, busy: bool = False, prompt: Any = None, stats: Any = None) -> tuple[Any, ...]:
-    """Values for a caption/ask tab's outputs: output, run button, stop button, prompt, stats."""
+def loading_status(label: str, bars: Sequence[Any], seconds: float) -> str:
+    """The status line while a model loads: what is being done (downloaded bytes, shards, weights) and for how long.
+
+    ``bars`` are the progress bars gradio tracks for the event (tqdm: a description, a position, a total, a unit).
+    """
+    steps = []
+    for bar in bars:
+        done, total = getattr(bar, "index", None), getattr(bar, "length", None)
+        what = (getattr(bar, "desc", None) or "").strip().rstrip(":") or "working"
+        if done is None:
+            continue
+        if getattr(bar, "unit", "") in ("B", "iB"):
+            steps.append(f"{what}: {_size(done)}" + (f" of {_size(total)}" if total else ""))
+        else:
+            steps.append(f"{what}: {int(done):,}" + (f" of {int(total):,}" if total else ""))
+    detail = "; ".join(inert(step) for step in steps) or "reading the checkpoint"
+    return f"**Loading** {inert(label)}… {detail} ({seconds:.0f} s)"
+
+
+def _size(count: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{int(count):,} bytes"
+
+
+def _single_view(output: Any = None, *, busy: bool = False, prompt: Any = None, stats: Any = None,
+                 note: Any = None) -> tuple[Any, ...]:
+    """Values for a caption/ask tab's outputs: output, run button, stop button, prompt, stats, note."""
     keep = gr.skip()
     return (keep if output is None else output, gr.Button(visible=not busy), gr.Button(visible=busy),
-            keep if prompt is None else prompt, keep if stats is None else stats)
+            keep if prompt is None else prompt, keep if stats is None else stats, keep if note is None else note)
 
 
 class ReplyTab(Tab):
@@ -335,7 +464,7 @@ class ReplyTab(Tab):
         job = self.running.start(session, task)
         text = ""
         try:
-            yield _single_view(THINKING, busy=True)
+            yield _single_view(THINKING, busy=True, note="")
             prepared = self._prepare(model, request, progress)
             yield _single_view(busy=True, prompt=prepared.prompt.text or EMPTY_PROMPT, stats=prompt_stats(prepared))
             for reply in self.service.stream(model, picture, request, cancel=job.cancel):
@@ -346,10 +475,12 @@ class ReplyTab(Tab):
                 output = reply.text or EMPTY_REPLY
                 if reply.stopped_early == "time limit":
                     output += " [cut short at the time limit]"
-                yield _single_view(output, stats=prompt_stats(prepared, reply))
+                notes = [*prepared.prompt.notes, reply_note(reply)]
+                yield _single_view(output, stats=prompt_stats(prepared, reply), note="\n\n".join(n for n in notes if n))
         except CancelledError:
             yield _single_view(f"{text} [stopped]" if text else "")
         except Exception as exc:  # noqa: BLE001
+            self.unusable(model, exc)
             notify(exc)
             yield _single_view("")
         finally:

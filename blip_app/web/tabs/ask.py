@@ -39,11 +39,12 @@ class AskTab(ReplyTab):
             stop = gr.Button("Stop", variant="stop", visible=False)
         output = gr.Textbox(label="Answer", lines=2, interactive=False, buttons=["copy"], elem_id="answer-output",
                             placeholder="Upload an image, type a question, then press Ask.")
-        trust = self.trust_line("answer-trust")  # "Confidence: likely"
+        note = gr.Markdown("", elem_classes="note", elem_id="answer-note")
+        trust = self.trust_line("answer-trust")  # "Image-text match: likely"
         panel = settings_panel(Task.ANSWER, self.limits)
         inspect = inspector()
 
-        outputs = [output, run, stop, inspect.prompt, inspect.stats]
+        outputs = [output, run, stop, inspect.prompt, inspect.stats, note]
         event = gr.on([run.click, question.submit], spaces.GPU(self.run_ask), [question, short, image, model],
                       outputs, preprocess=False, inputs_kwargs=panel.controls, show_progress_on=[status],
                       trigger_mode="always_last", **PRIVATE)

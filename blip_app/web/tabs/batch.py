@@ -61,8 +61,8 @@ def _captions_filename(model: str, suffix: str) -> str:
 class BatchTab(Tab):
     """The Batch tab and the handlers behind it."""
 
-    def __init__(self, service: Service, config: AppConfig, limiter: RateLimiter) -> None:
-        super().__init__(service, config, limiter)
+    def __init__(self, service: Service, config: AppConfig, limiter: RateLimiter, **shared: Any) -> None:
+        super().__init__(service, config, limiter, **shared)
         self.max_batch_images = config.max_batch_images
         # batch results: deleted on the uploads' schedule (--delete-uploads-after; 0 keeps them)
         self.downloads = Downloads(keep_s=float(config.delete_uploads_after_s) or None)
@@ -73,7 +73,7 @@ class BatchTab(Tab):
                     "files or zip archives. The downloads record the model and every generation setting.",
                     elem_classes="note")
         files = gr.File(file_count="multiple", file_types=["image", ".zip"], label="Photos, or zip archives of photos",
-                        height=150, elem_id="batch-files")
+                        elem_id="batch-files")
         style = gr.Radio([("Short captions", "short"), ("Detailed descriptions", "detailed")], value="short",
                          label="Style")
         with gr.Row():

@@ -39,12 +39,13 @@ class CaptionTab(ReplyTab):
             stop = gr.Button("Stop", variant="stop", visible=False)
         output = gr.Textbox(label="Caption", lines=3, interactive=False, buttons=["copy"], elem_id="caption-output",
                             placeholder="Upload an image, then press Caption.")
-        trust = self.trust_line("caption-trust")  # "Confidence: likely"
+        note = gr.Markdown("", elem_classes="note", elem_id="caption-note")
+        trust = self.trust_line("caption-trust")  # "Image-text match: likely"
         panel = settings_panel(Task.CAPTION, self.limits)
         inspect = inspector()
 
         style_to_preset(style, panel.controls["preset"])
-        outputs = [output, run, stop, inspect.prompt, inspect.stats]
+        outputs = [output, run, stop, inspect.prompt, inspect.stats, note]
         event = run.click(spaces.GPU(self.run_caption), [image, model, style], outputs, preprocess=False,
                           inputs_kwargs=panel.controls, show_progress_on=[status], trigger_mode="always_last",
                           **PRIVATE)

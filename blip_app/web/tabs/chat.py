@@ -7,6 +7,7 @@ Running answers are found by the browser session's id so that Stop and a new ima
 Chat text reaches the Chatbot only through :func:`common.inert`.
 """
 
+import secrets
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ import spaces
 
 from blip_app.config import AppConfig
 from blip_app.core.images import image_digest
-from blip_app.core.settings import Task, resolve_settings
+from blip_app.core.settings import Preset, Task, resolve_settings
 from blip_app.errors import CancelledError
 from blip_app.tasks.exports import (
     card_for,
@@ -33,6 +34,7 @@ from blip_app.web.common import (
     DECODE,
     EMPTY_PROMPT,
     LIGHT,
+    PRESET_LABELS,
     PRIVATE,
     STOP,
     Downloads,
@@ -52,6 +54,7 @@ from blip_app.web.ratelimit import RateLimiter
 from blip_app.web.widgets import SLIDERS, Tab, inspector, settings_panel
 
 THINKING = "*thinking…*"
+PRESET_NAMES = {p.value: PRESET_LABELS[p].split(" (")[0] for p in Preset}  # "fast": "Fast"
 EMPTY_ANSWER = "*(the model gave an empty answer)*"
 # Saves the export a click has just built (chat_export's output): the hidden button downloads its value.
 SAVE_EXPORT = "() => { setTimeout(() => document.querySelector('#chat-export-file')?.click(), 0); }"
@@ -59,12 +62,35 @@ RESET_IMPORT_INPUT = ("() => { const input = document.querySelector('#chat-files
                       "if (input) input.value = ''; }")
 
 
-def chat_messages(turns: Sequence[Sequence[str]], pending: tuple[str, str] | None = None) -> list[dict[str, str]]:
-    """Chatbot messages for the finished turns and, while an answer is being written, the pending one."""
-    messages = []
-    for question, answer in turns:
+READY_PLACEHOLDER = "**Ask anything about the picture**: type below and press Send."
+UPLOAD_PLACEHOLDER = "**Upload an image to start**, then ask anything about it."
+
+
+def chat_messages(turns: Sequence[Sequence[str]], pending: tuple[str, str] | None = None,
+                  meta: Sequence[Mapping[str, Any]] | None = None,
+                  replaced: Sequence[Sequence[str]] | None = None) -> list[dict[str, Any]]:
+    """Chatbot messages for the finished turns and, while an answer is being written, the pending one.
+
+    Each answer ends with who wrote it (``meta``: model and preset of each turn); the first answer by
+    another model than the one before is marked as a switch; answers replaced by Regenerate
+    (``replaced``) stay readable, folded, before the answer that replaced them.
+    """
+    messages: list[dict[str, Any]] = []
+    meta, replaced = list(meta or []), list(replaced or [])
+    previous = None
+    for index, (question, answer) in enumerate(turns):
+        info = meta[index] if index < len(meta) else None
         messages.append({"role": "user", "content": inert(question)})
-        messages.append({"role": "assistant", "content": inert(answer) or EMPTY_ANSWER})
+        for number, old in enumerate(replaced[index] if index < len(replaced) else [], start=1):
+            messages.append({"role": "assistant", "content": inert(old) or EMPTY_ANSWER,
+                             "metadata": {"title": f"Replaced answer {number}", "status": "done"}})
+        content = inert(answer) or EMPTY_ANSWER
+        if info:
+            switched = previous is not None and info.get("model") != previous.get("model")
+            lead = f"**↪ Model switched to {inert(info.get('label') or info.get('model'))}**\n\n" if switched else ""
+            content = f"{lead}{content}\n\n{signature(info)}"
+            previous = info
+        messages.append({"role": "assistant", "content": content})
     if pending is not None:
         question, shown = pending
         messages.append({"role": "user", "content": inert(question)})
@@ -72,16 +98,60 @@ def chat_messages(turns: Sequence[Sequence[str]], pending: tuple[str, str] | Non
     return messages
 
 
+def signature(info: Mapping[str, Any]) -> str:
+    """The line under an answer: the model and preset that wrote it (and the seed when it sampled)."""
+    preset = PRESET_NAMES.get(str(info.get("preset")), str(info.get("preset") or ""))
+    parts = [inert(info.get("label") or info.get("model") or "model"), inert(preset)]
+    settings = info.get("settings") or {}
+    if settings.get("do_sample") and settings.get("seed") is not None:
+        parts.append(f"sampled, seed {int(settings['seed'])}")
+    return "*— " + " · ".join(part for part in parts if part) + "*"
+
+
 def new_chat(image: str | None = None) -> dict[str, Any]:
-    """A conversation's session state: plain data only."""
-    return {"image": image, "turns": []}
+    """A conversation's session state: plain data only. ``meta`` and ``replaced`` go with ``turns``, one
+    entry per turn: who wrote the answer (model, label, preset, settings) and the answers Regenerate replaced."""
+    return {"image": image, "turns": [], "meta": [], "replaced": []}
+
+
+def _per_turn(chat: Mapping[str, Any], key: str) -> list[Any]:
+    """``chat[key]`` as long as its turns (conversations from older pages or files have none)."""
+    values = list(chat.get(key) or [])
+    turns = len(chat.get("turns") or [])
+    filler: Any = {} if key == "meta" else []
+    return (values + [filler] * turns)[:turns]
+
+
+def _shortened(chat: Mapping[str, Any], keep: int) -> dict[str, Any]:
+    """``chat`` with only its first ``keep`` turns."""
+    return {**chat, "turns": list(chat.get("turns") or [])[:keep], "meta": _per_turn(chat, "meta")[:keep],
+            "replaced": _per_turn(chat, "replaced")[:keep]}
+
+
+def _regenerate_settings(settings: Mapping[str, Any], limits: Any) -> tuple[dict[str, Any], str]:
+    """Overrides that make a regenerated answer differ from the one it replaces, and the note saying how.
+
+    Greedy decoding and beam search give the same answer every time, so Regenerate samples (one beam,
+    so that it streams) with a fresh seed; settings that already sample get a fresh seed.
+    """
+    preset, overrides = split_settings(Task.CHAT, settings)
+    try:
+        resolved = resolve_settings(Task.CHAT, preset, overrides, limits=limits)
+    except Exception:  # noqa: BLE001 - the turn itself reports bad settings
+        return {}, ""
+    seed = secrets.randbelow(2**31 - 1) + 1
+    if resolved.do_sample:
+        return {"seed": seed}, f"Regenerated with a fresh seed ({seed}); the replaced answer is kept above it."
+    return ({"do_sample": True, "num_beams": 1, "seed": seed},
+            f"Regenerated by sampling (seed {seed}): these settings always give the same answer, so Regenerate "
+            "samples instead. The replaced answer is kept above it.")
 
 
 class ChatTab(Tab):
     """The Chat tab and the handlers behind it."""
 
-    def __init__(self, service: Service, config: AppConfig, limiter: RateLimiter) -> None:
-        super().__init__(service, config, limiter)
+    def __init__(self, service: Service, config: AppConfig, limiter: RateLimiter, **shared: Any) -> None:
+        super().__init__(service, config, limiter, **shared)
         # exports: deleted on the uploads' schedule (--delete-uploads-after; 0 keeps them)
         self.downloads = Downloads(keep_s=float(config.delete_uploads_after_s) or None)
         self._sliders: dict[str, Any] = {}  # the chat's settings sliders, by name
@@ -109,7 +179,8 @@ class ChatTab(Tab):
         if digest == chat.get("image"):
             return unchanged
         self.running.stop(session_id(request), Task.CHAT, superseded=True)
-        return (gr.skip(), new_chat(digest), [], "", *_history_buttons(False))
+        return (gr.skip(), new_chat(digest), gr.Chatbot(value=[], placeholder=READY_PLACEHOLDER), "",
+                *_history_buttons(False))
 
     def chat_send(self, message: str, chat: dict[str, Any], image: Any, model: str, request: gr.Request,
                   progress: gr.Progress = gr.Progress(track_tqdm=True), **settings: Any) -> Iterator[tuple[Any, ...]]:
@@ -126,9 +197,12 @@ class ChatTab(Tab):
             gr.Info("There is no answer to regenerate yet.")
             yield _chat_view(chat)
             return
-        earlier = {**chat, "turns": turns[:-1]}
+        earlier = _shortened(chat, len(turns) - 1)
+        extra, note = _regenerate_settings(settings, self.limits)
+        kept = [*_per_turn(chat, "replaced")[-1], turns[-1][1]]  # the answers this turn has had
         yield from _settling(self._chat_turn(turns[-1][0], earlier, chat, image, model, settings,
-                                             session_id(request), progress, client_key(request)))
+                                             session_id(request), progress, client_key(request),
+                                             extra=extra, note=note, replaced=kept))
 
     def history_buttons(self, chat: dict[str, Any]) -> tuple[Any, Any, Any]:
         """Event (after each answer has completed): Regenerate, Undo and Clear work when there are turns."""
@@ -139,8 +213,7 @@ class ChatTab(Tab):
         turns = chat.get("turns") or []
         if not turns:
             return _chat_view(chat)
-        chat = {**chat, "turns": turns[:-1]}
-        return _chat_view(chat, message=turns[-1][0], note="")
+        return _chat_view(_shortened(chat, len(turns) - 1), message=turns[-1][0], note="")
 
     def chat_clear(self, chat: dict[str, Any], request: gr.Request) -> tuple[Any, ...]:
         """Event: forget the conversation (the image stays); an answer being written is dropped."""
@@ -154,9 +227,14 @@ class ChatTab(Tab):
         return self._preview(Task.CHAT, model, settings, progress, request, question=message or "…", history=turns)
 
     def _chat_turn(self, message: str, chat: dict[str, Any], original: dict[str, Any], image: Any, model: str,
-                   settings: Mapping[str, Any], session: str, progress: gr.Progress,
-                   client: str) -> Iterator[tuple[Any, ...]]:
-        """Answer ``message`` after ``chat``'s turns; on any failure show ``original`` again, unchanged."""
+                   settings: Mapping[str, Any], session: str, progress: gr.Progress, client: str, *,
+                   extra: Mapping[str, Any] | None = None, note: str = "",
+                   replaced: Sequence[str] = ()) -> Iterator[tuple[Any, ...]]:
+        """Answer ``message`` after ``chat``'s turns; on any failure show ``original`` again, unchanged.
+
+        ``extra`` overrides the panel's settings (Regenerate's sampling), ``note`` is shown with the answer
+        and ``replaced`` holds the answers the new one replaces.
+        """
         try:
             self.limiter.check(client)
             picture = self.picture(image)
@@ -164,6 +242,7 @@ class ChatTab(Tab):
             if digest != chat.get("image"):  # the image changed under a running page: a new conversation
                 chat = original = new_chat(digest)
             preset, overrides = split_settings(Task.CHAT, settings)
+            overrides = {**overrides, **(extra or {})}
             request = self.service.request(Task.CHAT, question=message, history=chat["turns"], preset=preset,
                                            overrides=overrides)
         except Exception as exc:  # noqa: BLE001
@@ -171,7 +250,10 @@ class ChatTab(Tab):
             yield _chat_view(original)
             return
         job = self.running.start(session, Task.CHAT)
-        answer = self._chat_answer(request, chat, original, message, picture, digest, model, job.cancel, progress)
+        turn = {"info": {"model": model, "label": self._label(model), "preset": str(preset)}, "note": note,
+                "replaced": list(replaced)}
+        answer = self._chat_answer(request, chat, original, message, picture, digest, model, job.cancel, progress,
+                                   turn)
         try:
             for view in answer:
                 if job.superseded:
@@ -185,32 +267,42 @@ class ChatTab(Tab):
 
     def _chat_answer(self, request: Request, chat: dict[str, Any], original: dict[str, Any], message: str,
                      picture: Any, digest: str, model: str, cancel: threading.Event,
-                     progress: gr.Progress) -> Iterator[tuple[Any, ...]]:
+                     progress: gr.Progress, turn: Mapping[str, Any]) -> Iterator[tuple[Any, ...]]:
         """The views of one validated chat turn, from the pending question to the finished answer: one pass
         through the service, whose first event is the prepared prompt (for the inspector)."""
         question = request.question
         text = ""
+        settings: dict[str, Any] = {}
         events = self.service.events(model, picture, request, cancel=cancel, image_id=digest)
+
+        def finished(answer: str, *notes: str) -> tuple[dict[str, Any], str]:
+            info = {**turn["info"], "settings": settings}
+            done = {**chat, "turns": [*chat["turns"], [question, answer]], "meta": [*_per_turn(chat, "meta"), info],
+                    "replaced": [*_per_turn(chat, "replaced"), list(turn["replaced"])]}
+            return done, "\n\n".join(n for n in (turn["note"], *notes) if n)
+
         try:
-            yield _chat_view(chat, pending=(question, THINKING), busy=True, message="", note="")
+            yield _chat_view(chat, pending=(question, THINKING), busy=True, note="")
             self._announce_load(model, progress)
             prepared = next(events)
             yield _chat_view(chat, pending=(question, THINKING), busy=True,
                              prompt=prepared.prompt.text or EMPTY_PROMPT, stats=prompt_stats(prepared))
             for reply in events:
                 text = reply.text
+                settings = reply.settings.as_dict()
                 if not reply.finished:
                     yield _chat_view(chat, pending=(question, inert(text) + CURSOR), busy=True)
                     continue
-                done = {**chat, "turns": [*chat["turns"], [question, reply.text]]}
-                yield _chat_view(done, note=reply_note(reply), stats=prompt_stats(prepared, reply))
+                done, note = finished(reply.text, *prepared.prompt.notes, reply_note(reply))
+                yield _chat_view(done, note=note, stats=prompt_stats(prepared, reply))
         except CancelledError:
             if text:
-                done = {**chat, "turns": [*chat["turns"], [question, text]]}
-                yield _chat_view(done, note="Stopped: the last answer is incomplete.")
+                done, note = finished(text, "Stopped: the last answer is incomplete.")
+                yield _chat_view(done, note=note)
             else:
                 yield _chat_view(original, message=message, note="Stopped before the model answered.")
         except Exception as exc:  # noqa: BLE001
+            self.unusable(model, exc)
             notify(exc)
             yield _chat_view(original, message=message)
         finally:
@@ -290,7 +382,9 @@ class ChatTab(Tab):
         try:
             self.limiter.check(client_key(request))
             card = card_for(self.service, model, self._chat_settings(model, settings), image_sha256=chat.get("image"))
-            text = (conversation_to_markdown(turns, card) if kind == "md" else conversation_to_json(turns, card))
+            meta = _per_turn(chat, "meta")  # who wrote each answer, with which settings
+            text = (conversation_to_markdown(turns, card, meta=meta) if kind == "md"
+                    else conversation_to_json(turns, card, meta=meta))
             path = save_text(text, export_filename(model, kind), self.downloads.folder())
         except Exception as exc:  # noqa: BLE001
             notify(exc)
@@ -312,7 +406,8 @@ class ChatTab(Tab):
             notify(exc)
             return keep
         loaded = {"history": [list(turn) for turn in imported.history], "model": imported.model,
-                  "settings": dict(imported.settings), "image_sha256": imported.image_sha256}
+                  "settings": dict(imported.settings), "image_sha256": imported.image_sha256,
+                  "meta": [dict(info) for info in imported.meta]}
         current = chat.get("image")
         if current is not None and imported.image_sha256 in (None, current):
             return self._restore(loaded, chat, model)
@@ -345,7 +440,9 @@ class ChatTab(Tab):
     def _restore(self, loaded: Mapping[str, Any], chat: Mapping[str, Any], model: str) -> tuple[Any, ...]:
         """Outputs that put a loaded conversation, its model and its settings in place."""
         turns = [[str(q), str(a)] for q, a in loaded["history"]]
-        state = {"image": chat.get("image"), "turns": turns}
+        state = {"image": chat.get("image"), "turns": turns, "meta": [dict(m) for m in loaded.get("meta") or []],
+                 "replaced": []}
+        state["meta"] = _per_turn(state, "meta")
         states = captioning_states(self.service)
         names = [s.name for s in states]
         wanted = str(loaded.get("model") or "")
@@ -370,8 +467,9 @@ class ChatTab(Tab):
             values.append(value)
         if capped:
             notes.append(f"Capped to this server's limits: {', '.join(capped)}.")
-        return (chat_messages(turns), state, " ".join(notes), gr.Dropdown(choices=model_choices(states), value=chosen),
-                model_status(states, chosen), None, *_history_buttons(bool(turns)), *values)
+        return (chat_messages(turns, None, state["meta"]), state, " ".join(notes),
+                gr.Dropdown(choices=model_choices(states), value=chosen), model_status(states, chosen), None,
+                *_history_buttons(bool(turns)), *values)
 
     def build(self, image: Any, model: Any, status: Any) -> dict[str, Any]:
         """The tab's components and events; returns what the page wires to the image, the picker and the examples."""
@@ -400,8 +498,11 @@ class ChatTab(Tab):
         # always_last: a message sent while the previous answer is finishing runs next instead of being dropped.
         run = {"preprocess": False, "inputs_kwargs": settings, "show_progress_on": [status],
                "trigger_mode": "always_last", **PRIVATE}
-        sent = gr.on([send.click, message.submit], spaces.GPU(self.chat_send), [message, state, image, model],
-                     outputs, **run)
+        # The box is emptied the moment Send is pressed (the message travels in `sending`), so that what
+        # someone types next is never wiped when the answer starts.
+        sending = gr.State("")
+        sent = gr.on([send.click, message.submit], take_message, message, [message, sending], **LIGHT).then(
+            spaces.GPU(self.chat_send), [sending, state, image, model], outputs, **run)
         again = regenerate.click(spaces.GPU(self.chat_regenerate), [state, image, model], outputs, **run)
         for event in (sent, again):
             event.then(self.history_buttons, state, [regenerate, undo, clear], **LIGHT)
@@ -414,6 +515,11 @@ class ChatTab(Tab):
                 "history_buttons": [regenerate, undo, clear], "events": [sent, again], "settings": settings}
         self.chat_files(chat, image, model, status)
         return chat
+
+
+def take_message(message: str) -> tuple[str, str]:
+    """Event (Send): empty the message box and keep the message for the answer that follows."""
+    return "", message
 
 
 def _history_buttons(enabled: bool) -> tuple[Any, Any, Any]:
@@ -439,7 +545,7 @@ def _chat_view(chat: dict[str, Any], *, pending: tuple[str, str] | None = None, 
     keep = gr.skip()
     has_turns = bool(chat.get("turns")) and not busy
     return (
-        chat_messages(chat.get("turns") or [], pending),
+        chat_messages(chat.get("turns") or [], pending, _per_turn(chat, "meta"), _per_turn(chat, "replaced")),
         chat,
         keep if note is None else note,
         keep if message is None else message,

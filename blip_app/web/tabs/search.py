@@ -1,12 +1,13 @@
 """The Search tab: several photos (or a zip of them) and a sentence; the photos ranked by the image-text
 matching model, best match first, with the match probability and its words under each."""
 
+import logging
 from typing import Any
 
 import gradio as gr
 import spaces
 
-from blip_app.errors import BadInputError, BlipAppError
+from blip_app.errors import BadInputError, BlipAppError, ModelLoadError, UnsupportedCheckpointError
 from blip_app.tasks.batch import BatchItem
 from blip_app.tasks.service import clean_message
 from blip_app.web.common import (
@@ -19,6 +20,21 @@ from blip_app.web.common import (
     notify,
 )
 from blip_app.web.widgets import Tab
+
+log = logging.getLogger(__name__)
+
+
+def matching_model_problem(model: str | None, exc: BaseException) -> str:
+    """Markdown, in place of the results: Search needs the matching model, which could not be loaded, and the fix.
+
+    The person chose neither that model nor its name (the server's --trust-model did), so the sentence says
+    what it is and what the operator can do.
+    """
+    return (f"**Search is unavailable**: it ranks photos with the image-text matching model "
+            f"{inert(model or '(none)')}, set by the server's `--trust-model` option, and that model cannot be "
+            f"loaded: {inert(str(exc))}\n\nTo search, start the app with `--trust-model` naming a downloaded "
+            "copy or a folder (`python -m blip_app make-tiny DIR` writes a tiny one in DIR/retrieval), or with "
+            "`--trust-model none` to hide this tab.")
 
 
 def search_caption(hit: Any) -> str:
@@ -43,7 +59,7 @@ class SearchTab(Tab):
                     "and see them ranked by the image-text matching model. The score under each is the "
                     "probability that the sentence describes the photo.", elem_classes="note")
         files = gr.File(file_count="multiple", file_types=["image", ".zip"], label="Photos, or a zip of photos",
-                        height=150, elem_id="search-files")
+                        elem_id="search-files")
         with gr.Row(equal_height=True):
             query = gr.Textbox(placeholder="a cat asleep on a sofa", show_label=False, scale=5, lines=1,
                                max_length=SEARCH_TEXT_CHARS, elem_id="search-query")
@@ -87,6 +103,9 @@ class SearchTab(Tab):
             if not hits:
                 raise BadInputError("None of the files could be read as a photo: "
                                     + "; ".join(notes[:3]) + ("…" if len(notes) > 3 else ""))
+        except (ModelLoadError, UnsupportedCheckpointError) as exc:  # the matching model nobody chose here
+            log.info("Search cannot run: %s", exc)
+            return gr.skip(), matching_model_problem(self.trust_model, exc)
         except Exception as exc:  # noqa: BLE001
             notify(exc)
             return gr.skip(), gr.skip()
