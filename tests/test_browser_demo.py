@@ -181,7 +181,7 @@ def test_the_phone_page(app: RunningApp, browser, tmp_path: Path) -> None:
             page.wait_for_timeout(300)
             _shoot(page, "390", tab)
 
-        # 3. the Batch run on a phone: both files listed, the table filled (its columns still wrap narrowly)
+        # 3. the Batch run on a phone: both files listed, the table filled and readable
         page.get_by_role("tab", name="Batch").click()
         photos = []
         for name, colour in (("a-rather-long-file-name-of-a-red-photo.png", "red"), ("blue.png", "blue")):
@@ -194,6 +194,21 @@ def test_the_phone_page(app: RunningApp, browser, tmp_path: Path) -> None:
         assert page.locator("#batch-table").get_by_text("blue.png").count() >= 1
         files = _box(page, "#batch-files")
         assert files["height"] >= 150  # both files listed, not one and a half
+        # 3. readable tables: the columns keep their width (the table scrolls sideways), a header is one line,
+        # and each header stands over its own column
+        columns = page.evaluate("""() => {
+            const table = document.querySelector('#batch-table');
+            const box = (cell) => { const r = cell.getBoundingClientRect(); return [r.x, r.width, r.height]; };
+            // gradio 6 draws the header as a table and the rows as a virtual list of div cells
+            const row = [...table.querySelectorAll('.virtual-row')].find((r) => r.innerText.includes('blue.png'));
+            return {head: [...table.querySelectorAll('thead th')].map(box),
+                    body: [...row.querySelectorAll('.body-cell')].map(box)};
+        }""")
+        head, body = columns["head"][-4:], columns["body"][-4:]
+        print("batch table columns (x, width, height):", head, body)
+        assert all(width >= 60 for _, width, _ in head), head
+        assert all(height < 2 * head[0][2] for _, _, height in head) and head[2][2] < 40, head  # "seconds": one line
+        assert all(abs(h[0] - b[0]) < 2 for h, b in zip(head, body)), (head, body)
         _shoot(page, "390", "Batch")
         assert page.errors == []
     finally:

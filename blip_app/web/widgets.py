@@ -84,6 +84,10 @@ CSS = """
   #examples { order: 3; }
   #chatbot { height: 340px !important; }
   #tabs button[role=tab] { padding: 6px 10px; }
+  /* Tables keep readable columns and scroll sideways: the header table and the rows' viewport are both
+     children of .table-wrap, so both get the same width and the columns stay aligned. */
+  #batch-table .table-wrap { overflow-x: auto !important; }
+  #batch-table .table-wrap > * { min-width: 600px; }
 }
 """
 
