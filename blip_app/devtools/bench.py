@@ -610,7 +610,7 @@ def run_quantization(quantization: str, baseline: Baseline | None, args: argpars
         pair["app"]["one_request_s"] = app.caption_plain(images.fresh())
         pair["bandwidth_after_gbs"] = speed_tools.measure_bandwidth(gigabytes=args.bandwidth_gb, repeats=2)["best"]
         pairs.append(pair)
-        log.info("%s pair %d: %s", quantization, index, json.dumps(_plain(pair))[:400])
+        log.info("%s pair %d: %s", quantization, index, json.dumps(json_safe(pair))[:400])
     out["pairs"] = pairs
     out["rss_gb"] = _rss_gb()
     out["peak_rss_gb"] = _peak_rss_gb()
@@ -802,7 +802,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             result["runs"][quantization] = run_quantization(quantization, baseline, args, source, images, tokens,
                                                             cache_dir, bf16_load, weights_gb)
             if args.json:  # what is measured so far survives an interrupted run
-                Path(args.json).write_text(json.dumps(_plain(result), indent=1))
+                Path(args.json).write_text(json.dumps(json_safe(result), indent=1))
         baseline.free()
     result["baseline_loads_s"] = baseline.loads
     result["bf16_load_s"] = statistics.median(bf16_load) if bf16_load else None
@@ -812,7 +812,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     table = render_table(result)
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(_plain(result), indent=1))
+        Path(args.json).write_text(json.dumps(json_safe(result), indent=1))
     if args.markdown:
         Path(args.markdown).write_text(table)
     return result
@@ -825,14 +825,14 @@ def _weights_gb(source: str) -> float:
     return math.nan
 
 
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: NaN and infinities become null."""
+def json_safe(value: Any) -> Any:
+    """JSON-safe copy: NaN and infinities become null (the bench's and gpu-check's reports)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

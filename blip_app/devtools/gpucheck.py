@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import logging
-import math
 import os
 import time
 import traceback
@@ -229,20 +228,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "seconds": seconds, "steps": steps.results, "ok": steps.ok}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu-check.json").write_text(json.dumps(_plain(report), indent=1))
+    from blip_app.devtools.bench import json_safe
+
+    (out / "gpu-check.json").write_text(json.dumps(json_safe(report), indent=1))
     (out / "gpu-check.md").write_text(render(report))
     print(render(report))
     return report
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
