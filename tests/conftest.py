@@ -1,7 +1,7 @@
 """Shared pytest fixtures: tiny offline checkpoints of the four model families.
 
 The environment is fixed at import time, before transformers is imported anywhere: one thread (tiny
-models are dominated by thread start-up, see /work/shared/STACK.md) and no Hugging Face Hub access.
+models are dominated by thread start-up: more threads only slow them down) and no Hugging Face Hub access.
 """
 
 from __future__ import annotations
