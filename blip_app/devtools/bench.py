@@ -157,20 +157,6 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
 
 
-def _reset_peak(device: str) -> bool:
-    """Reset the peak resident size (Linux: /proc/self/clear_refs) and the CUDA peak; False if impossible."""
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _cuda_peak_gb(device: str) -> float | None:
     if not device.startswith("cuda"):
         return None
@@ -235,10 +221,6 @@ class _TokenTimes:
 
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
-
-
-def _best(values: Sequence[float]) -> float:
-    return min(values) if values else math.nan
 
 
 def _concurrently(fns: Sequence[Callable[[], Any]]) -> tuple[float, list[Any]]:
