@@ -48,7 +48,7 @@ from blip_app.core.catalog import Architecture, CatalogEntry, Family, LanguageMo
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: filler tokens a BPE tokenizer gives back (_pad_vocab)
 MARKER = "realsize.json"
 WEIGHT_STD = 0.02
 
@@ -215,14 +215,36 @@ def build_realsize(
 # Tokenizers and processor
 
 
-def _pad_vocab(vocab: dict[str, int], target: int, filler: str) -> dict[str, int]:
-    i = 0
-    while len(vocab) < target:
-        token = f"{filler}w{i}"
-        i += 1
-        if token not in vocab:
-            vocab[token] = len(vocab)
-    return vocab
+_FILLER_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _pad_vocab(vocab: dict[str, int], merges: list[tuple[str, str]], target: int, space: str
+               ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Fill the vocabulary to ``target`` with words a real BPE tokenizer would give back unchanged.
+
+    A real checkpoint's tokenizer encodes the text of an answer it generated back to (nearly) the same
+    ids, so a conversation's history costs about as many tokens as were generated. Filler tokens that no
+    merge reaches (what this module had) decode to text that re-encodes 4-8 times longer, which made
+    every chat turn's history and prefill several times what a real model's are. The fillers are words
+    of lower-case letters after ``space`` ("Ġ" for OPT's byte-level BPE, "▁" for Llama's), added as a
+    trie (every prefix is a token too), each reached by the merge (its prefix, its last letter). These
+    merges rank before the corpus's, so a word of up to four letters always ends as one token.
+    """
+    vocab, ours, seen = dict(vocab), [], set()
+    level = [space]
+    while len(vocab) < target and level:
+        following = []
+        for prefix in level:
+            for letter in _FILLER_LETTERS:
+                if len(vocab) >= target:
+                    break
+                word = prefix + letter
+                ours.append((prefix, letter))
+                seen.add((prefix, letter))
+                vocab.setdefault(word, len(vocab))
+                following.append(word)
+        level = following
+    return vocab, ours + [m for m in merges if tuple(m) not in seen]
 
 
 def _language_tokenizer(language_model: LanguageModel, vocab_size: int, positions: int) -> Any:
@@ -237,16 +259,16 @@ def _language_tokenizer(language_model: LanguageModel, vocab_size: int, position
         from transformers import GPT2Tokenizer
 
         vocab, merges = tiny._opt_vocab()
-        padded = _pad_vocab(dict(vocab), target, "\u0120")  # "Ġ": a word after a space
-        return GPT2Tokenizer(vocab=padded, merges=list(merges), errors="replace", unk_token="</s>",
+        padded, merges = _pad_vocab(dict(vocab), list(merges), target, "\u0120")  # "Ġ": a word after a space
+        return GPT2Tokenizer(vocab=padded, merges=merges, errors="replace", unk_token="</s>",
                              bos_token="</s>", eos_token="</s>", pad_token="<pad>", add_prefix_space=False,
                              add_bos_token=True)
     if language_model is LanguageModel.VICUNA:
         from transformers import LlamaTokenizer
 
         vocab, merges = tiny._llama_vocab()
-        padded = _pad_vocab(dict(vocab), target, "\u2581")
-        return LlamaTokenizer(vocab=padded, merges=list(merges), unk_token="<unk>", bos_token="<s>",
+        padded, merges = _pad_vocab(dict(vocab), list(merges), target, "\u2581")
+        return LlamaTokenizer(vocab=padded, merges=merges, unk_token="<unk>", bos_token="<s>",
                               eos_token="</s>", pad_token="<unk>", add_bos_token=True, add_eos_token=False,
                               legacy=False, model_max_length=positions)
     from transformers import T5Tokenizer
