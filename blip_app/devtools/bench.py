@@ -569,11 +569,53 @@ def _options(quantization: str, args: argparse.Namespace, cache_dir: str) -> Any
                        static_cache=bool(getattr(args, "static_cache", False)))
 
 
+# A start in a process of its own: the imports a quantized start adds (torchao: about 2 s here) count.
+_START = """
+import time
+started = time.perf_counter()
+import json, sys
+import torch
+from blip_app.devtools.bench import App, _options
+from blip_app.models import quantize
+args, source, cache_dir, threads = json.loads(sys.argv[1])
+if threads:
+    torch.set_num_threads(threads)
+import argparse
+app = App(source, _options(args["quantization"], argparse.Namespace(**args), cache_dir), {})
+load = app.load()
+report = quantize.report_of(app.engine.model)
+print(json.dumps({"start_s": time.perf_counter() - started, "load_s": load,
+                  "from_cache": bool(report is not None and report.from_cache)}))
+"""
+
+
+def _start_in_new_process(quantization: str, args: argparse.Namespace, source: str, cache_dir: str
+                          ) -> dict[str, Any]:
+    """Seconds from a new Python process's first line to the model served (imports included), and of the
+    load alone, with the quantized cache's use."""
+    import subprocess
+    import sys
+
+    settings = {"quantization": quantization, "device": args.device, "precision": args.precision,
+                "no_speed": args.no_speed, "static_cache": bool(getattr(args, "static_cache", False))}
+    import blip_app
+
+    env = dict(os.environ)  # this blip_app, wherever the bench was started from
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(blip_app.__file__).resolve().parent.parent),
+                                                      env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", _START, json.dumps([settings, source, cache_dir, args.threads])],
+                          capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"a {quantization} start in a new process failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def measure_loads(quantizations: Sequence[str], args: argparse.Namespace, source: str, tokens: dict[str, int],
                   cache_dir: str) -> dict[str, Any]:
     """Start-up times, paired: each weight-only method's first start (it quantizes and fills the cache), then
     ``--load-pairs`` rounds of a bfloat16 start followed at once by a warm start of each method (from the
-    cache), each ratio taken within its round. Nothing else is in memory meanwhile."""
+    cache), each in a new process and timed from its first line, imports included, each ratio taken within
+    its round. Nothing else is in memory meanwhile."""
     from blip_app.models import quantize
 
     methods = [q for q in quantizations if q in quantize.METHODS]
@@ -587,11 +629,10 @@ def measure_loads(quantizations: Sequence[str], args: argparse.Namespace, source
     for _ in range(args.load_pairs if methods else 0):
         row: dict[str, Any] = {}
         for name in ("none", *methods):
-            app = App(source, _options(name, args, cache_dir), tokens)
-            row[name] = app.load()
+            start = _start_in_new_process(name, args, source, cache_dir)
+            row[name], row[f"{name}_load_only"] = start["start_s"], start["load_s"]
             if name != "none":
-                row[f"{name}_from_cache"] = bool(quantize.report_of(app.engine.model).from_cache)
-            app.free()
+                row[f"{name}_from_cache"] = start["from_cache"]
         out["rounds"].append(row)
         log.info("load round: %s", row)
     out["warm_x_bf16"] = {m: _spread([r[m] / r["none"] for r in out["rounds"]]) for m in methods}
