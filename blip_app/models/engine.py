@@ -26,6 +26,7 @@ import contextvars
 import logging
 import queue
 import re
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -354,7 +355,9 @@ class _Batcher:
     waited for a moment (``model.coalesce_s``, 20 ms) before a batch starts, so that requests sent
     together are served together even when one of them reaches the device first; without the wait,
     simultaneous requests were split over two batches (figures: docs/cpu-accelerations.md, "Batching:
-    the coalesce window").
+    the coalesce window"). A request that finds itself alone with nothing announced first yields for one
+    interpreter switch interval (5 ms), so that requests started at the same moment can announce
+    themselves at all.
     """
 
     def __init__(self, model: LoadedModel) -> None:
@@ -409,6 +412,11 @@ class _Batcher:
             wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
             if lock.acquire(timeout=wait):
                 try:
+                    if self.arriving <= 0 and self._alone(settings):
+                        # Requests sent at the same moment as this one may not have run a line yet (the
+                        # first thread can hold the interpreter for its whole way here): give them one
+                        # switch interval to announce themselves, then wait for the announced ones.
+                        time.sleep(sys.getswitchinterval())
                     if self.arriving > 0:
                         self._coalesce(settings)
                     batch = self._take(job, settings)
@@ -423,6 +431,10 @@ class _Batcher:
                     if (job, settings) in self._pending:
                         self._pending.remove((job, settings))
                         raise BusyError("The model is busy with other requests; please try again in a moment.")
+
+    def _alone(self, settings: GenerationSettings) -> bool:
+        with self._guard:
+            return sum(1 for _, s in self._pending if s == settings) <= 1
 
     def _withdraw(self, job: _Job, settings: GenerationSettings) -> bool:
         """Take ``job`` out of the queue if no one has started it yet; returns whether it was."""
