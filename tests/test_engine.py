@@ -534,7 +534,7 @@ def test_requests_sent_together_are_batched_together_even_if_one_reaches_the_dev
     loaded.coalesce_s = 0.02
     assert loaded._batcher.arriving == 0
     # Sent at one moment, the first thread can hold the interpreter all the way to the device before the
-    # others ran a line (seen at the real size: 5 of 15 bursts of 4 split as 1 + 3). Made certain here: the
+    # others ran a line (seen at the real size: 6 of 15 bursts of 4 split as 1 + 3). Made certain here: the
     # others start only once the device is taken; the first gives them one switch interval to announce.
     service._prepare = original
     use = service.manager.use

@@ -469,7 +469,8 @@ class App:
         return self.clock(lambda: self._caption(image, self.tokens["caption"]))[0]
 
     def chat(self, image: Any) -> Iterator[float]:
-        """As :meth:`Baseline.chat`; the prompt tokens each turn computed and reused are kept in ``self.turns``."""
+        """As :meth:`Baseline.chat`; each turn's input tokens (image and text) and how many of them were reused
+        are kept in ``self.turns``."""
         from blip_app.core.settings import Preset
 
         history: list[tuple[str, str]] = []
@@ -479,7 +480,9 @@ class App:
             seconds, reply = self.clock(lambda message=message: self.service.chat(
                 self.source, image, history, message, preset=Preset.FAST.value, overrides=overrides))
             history.append((message, reply.text or "yes"))
-            self.turns.append({"prompt_tokens": reply.prompt_tokens, "reused_tokens": reply.reused_tokens})
+            # reused_tokens counts the image's query tokens too (they open the language model's input)
+            self.turns.append({"prompt_tokens": reply.prompt_tokens + reply.image_tokens,
+                               "reused_tokens": reply.reused_tokens})
             yield seconds
 
     def vision(self, images: Sequence[Any]) -> float:
@@ -856,7 +859,7 @@ def render_table(result: dict[str, Any]) -> str:
                      f"{_cell(run.get('vision_four_x_one'))} | one image: {_cell(run.get('vision_one_x_one'))} |")
         tokens5 = run.get("chat_turn_5_tokens") or {}
         if (tokens5.get("prompt") or {}).get("n"):
-            lines.append(f"| chat turn 5: prompt tokens, of them computed (the rest reused) | "
+            lines.append(f"| chat turn 5: input tokens (image and text), of them computed (the rest reused) | "
                          f"{tokens5['prompt']['median']:.0f} | {tokens5['computed']['median']:.0f} | - |")
         if run.get("warm_x_bf16_load"):
             lines.append(f"| warm start x a bfloat16 start, paired | - | {_cell(run['warm_x_bf16_load'])} | - |")
