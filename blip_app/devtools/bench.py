@@ -9,18 +9,21 @@
   batching) with each ``--quantization`` in turn (``none``, ``int8-weight-only``, ``int4-weight-only`` by
   default) and what the engine applies at load.
 
-For each quantization, ``--pairs`` rounds each run one block of the baseline then one block of blip_app
-(A B A B ...), and each figure is reported as the per-pair ratio (median, min, max) so that the host's
-drift, which moves single timings by tens of percent on a shared machine, cancels. When both models do
-not fit ``--memory-gb`` together, the other side is freed between blocks (its load is then repeated, and
-timed). A block: a greedy 20-token caption of a new image (streamed: time to first token and decode
-seconds per token from the token arrival times), a caption of the image just seen, a five-turn chat
-(10-token answers) on a new image; blip_app's block adds 4 concurrent captions of 4 new images and of
-one new image (the baseline's queue runs 4 requests one after the other: 4 x its new-image caption of
-the same pair). Generation lengths are forced (``min_new_tokens``), since random weights stop anywhere.
+For each quantization, ``--pairs`` pairs (A B A B ...), and each figure is reported as the per-pair ratio
+(median, min, max) so that the host's drift, which moves single timings by tens of percent, cancels.
+When both models fit ``--memory-gb`` together, each measurement of a pair runs on the baseline and at
+once on blip_app with the same image (:func:`_interleaved`): a greedy 20-token caption of a new image
+(streamed: time to first token and decode seconds per token), a caption of the image just seen, a
+five-turn chat (10-token answers) on a new image, turn by turn. Otherwise each side runs these as a
+block and the other side is freed between blocks (its load is then repeated, and timed). blip_app's
+side adds 4 concurrent captions of 4 new images and of one new image (the baseline's queue runs 4
+requests one after the other: 4 x its new-image caption of the same pair), one request alone, and the
+vision encoder alone on one and on 4 images (the floor under 4 concurrent images). Generation lengths
+are forced (``min_new_tokens``), since random weights stop anywhere.
 
 Besides: the memory bandwidth measured next to every pair (the decode floor: weight bytes a step reads
-/ bandwidth), load time cold (quantizing) and warm (from the quantized cache) against a bfloat16 load,
+/ bandwidth), start-up times (:func:`measure_loads`: each method's first start, which quantizes, then
+``--load-pairs`` rounds of a bfloat16 start and a warm start of each method, each in a new process),
 resident memory, and per quantization the relative error of each quantized layer's output against
 float32 (measured while quantizing, kept in the cache's metadata).
 
