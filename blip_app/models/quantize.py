@@ -34,7 +34,8 @@ with ``weights_only=True``) under a key made of the checkpoint (hub id and revis
 its weight files' names, sizes and modification times), the method and group size, the device kind, the
 dtype, and the torch and torchao versions. A second start loads the checkpoint memory-mapped, replaces the
 language model's layers by the cached ones before anything reads the bfloat16 weights, and so costs less
-than a bfloat16 load (half of one at the real size, imports included: docs/performance.md, section 3). A cache entry that does not match the model (missing layer, other shape) or
+than a bfloat16 load (half of one at the real size, imports included: docs/performance.md, section 3).
+A cache entry that does not match the model (missing layer, other shape) or
 cannot be read is ignored, recomputed and overwritten.
 """
 
