@@ -308,6 +308,32 @@ def test_prefix_cache_memory_is_bounded(tiny_checkpoints):
     assert loaded.prefix_cache.nbytes <= 2 * one_entry and 1 <= len(loaded.prefix_cache) <= 2
 
 
+def _queued_behind_the_device(loaded, work, settings) -> list:
+    """Generate every (image, prepared) of ``work`` from its own thread while the device is held, so that all
+    of them queue up as under load; then let them run. The replies, in ``work``'s order."""
+    results: dict[int, object] = {}
+    lock = DEVICE_LOCKS.get("cpu")
+    lock.acquire()
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, loaded.generate(*work[i], settings)))
+               for i in range(len(work))]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    lock.release()
+    for thread in threads:
+        thread.join(30)
+    return [results[i] for i in range(len(work))]
+
+
+def _in_threads(target, count: int = 4, prefix: str = "caption") -> None:
+    """Run ``target(i)`` for i < count, each in a thread named f"{prefix}-{i}", and wait for them all."""
+    threads = [threading.Thread(target=target, args=(i,), name=f"{prefix}-{i}") for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_concurrent_requests_are_batched_with_the_same_results(models, family):
     loaded = models[family]
@@ -315,18 +341,7 @@ def test_concurrent_requests_are_batched_with_the_same_results(models, family):
     work = [(noise(30 + i), loaded.prepare(Task.ANSWER, question=q)) for i, q in
             enumerate(["what?", "what is in the picture?", "is it red or blue or green?", "why?"])]
     alone = [loaded.generate(image, prepared, settings) for image, prepared in work]
-    results: dict[int, object] = {}
-    lock = DEVICE_LOCKS.get("cpu")
-    lock.acquire()  # hold the device so that all four queue up, as under load
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, loaded.generate(*work[i], settings)))
-               for i in range(4)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.2)
-    lock.release()
-    for thread in threads:
-        thread.join(30)
-    batched = [results[i] for i in range(4)]
+    batched = _queued_behind_the_device(loaded, work, settings)
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
     assert [r.text for r in batched] == [r.text for r in alone]
     assert max(r.batch_size for r in batched) == 4
@@ -349,21 +364,10 @@ def test_a_batch_of_new_images_goes_through_the_vision_encoder_in_one_pass(model
     shape_hook = loaded.model.vision_model.embeddings.register_forward_hook(
         lambda module, args, out: sizes.append(out.shape[0]))
     try:
-        results: dict[int, object] = {}
-        lock = DEVICE_LOCKS.get("cpu")
-        lock.acquire()
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, loaded.generate(*work[i], settings)))
-                   for i in range(4)]
-        for thread in threads:
-            thread.start()
-        time.sleep(0.2)
-        lock.release()
-        for thread in threads:
-            thread.join(30)
+        batched = _queued_behind_the_device(loaded, work, settings)
     finally:
         hook.remove()
         shape_hook.remove()
-    batched = [results[i] for i in range(4)]
     assert max(r.batch_size for r in batched) == 4
     assert len(calls) == 1 and sizes == [4]
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
@@ -523,11 +527,7 @@ def test_requests_sent_together_are_batched_together_even_if_one_reaches_the_dev
         started.wait()
         results[i] = service.caption(name, noise(60 + i), overrides={"max_new_tokens": 4})
 
-    threads = [threading.Thread(target=caption, args=(i,), name=f"caption-{i}") for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    _in_threads(caption)
     assert [results[i].batch_size for i in range(4)] == [4, 4, 4, 4]
     alone = [service.caption(name, noise(60 + i), overrides={"max_new_tokens": 4}) for i in range(4)]
     assert [results[i].token_ids for i in range(4)] == [r.token_ids for r in alone]
@@ -548,11 +548,7 @@ def test_requests_sent_together_are_batched_together_even_if_one_reaches_the_dev
 
     service.manager.use = late_use
     results.clear()
-    threads = [threading.Thread(target=caption, args=(i,), name=f"caption-{i}") for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    _in_threads(caption)
     service.manager.use = use
     assert [results[i].batch_size for i in range(4)] == [4, 4, 4, 4]
     # A lone request does not wait for the window: nobody else is on the way.
